@@ -1,6 +1,13 @@
 """Physical-memory backends behind one interface (:class:`PhysMemory`)."""
 
 from .base import MemoryError_, OutOfRange, PhysMemory
+from .elfcore import CpuState, ElfCore, ElfCoreError, Load, Note, WrongArch
+from .raw import FileMemory, ImageError, RawImage, Segment
 from .sparse import SparseMemory
+from .vmcoreinfo import VmcoreInfo, VmcoreInfoError
 
-__all__ = ["MemoryError_", "OutOfRange", "PhysMemory", "SparseMemory"]
+__all__ = [
+    "CpuState", "ElfCore", "ElfCoreError", "FileMemory", "ImageError", "Load", "MemoryError_",
+    "Note", "OutOfRange", "PhysMemory", "RawImage", "Segment", "SparseMemory", "VmcoreInfo",
+    "VmcoreInfoError", "WrongArch",
+]

@@ -76,6 +76,15 @@ class SparseMemory(PhysMemory):
             if f is None:
                 return np.zeros(n, dtype=np.uint64)
             return f[off >> 3 : (off >> 3) + n]
+        per = self.FRAME // 8
+        if off == 0 and n % per == 0 and self.contains(pa, n * 8):  # 16K/64K tables: a copy
+            pfn, frames, get = pa >> self.FRAME_SHIFT, n // per, self._frames.get
+            out = np.zeros(n, dtype=np.uint64)
+            for i in range(frames):
+                f = get(pfn + i)
+                if f is not None:
+                    out[i * per : (i + 1) * per] = f
+            return out
         return np.frombuffer(self.read(pa, n * 8), dtype="<u8").astype(np.uint64)
 
     def write_table(self, pa: int, values: np.ndarray) -> None:
@@ -84,6 +93,11 @@ class SparseMemory(PhysMemory):
         if off & 7 == 0 and off + values.size * 8 <= self.FRAME:
             self._check(pa, values.size * 8)
             self._frame(pa >> self.FRAME_SHIFT, True)[off >> 3 : (off >> 3) + values.size] = values
+        elif off == 0 and values.size % (per := self.FRAME // 8) == 0:  # 16K/64K tables
+            self._check(pa, values.size * 8)
+            pfn, frame = pa >> self.FRAME_SHIFT, self._frame
+            for i in range(values.size // per):
+                frame(pfn + i, True)[:] = values[i * per : (i + 1) * per]
         else:
             super().write_table(pa, values)
 

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Guest benchmark: one ``name: value unit`` line per figure on stdout.
+
+    .venv/bin/python bench/guest.py [--profiles x86_64,arm64,...] [--repeat N]
+
+Figures (targets in brackets):
+
+* ``boot_to_agent_s[<profile>]``: QEMU start to the first successful ``ptagent info`` reply
+  (Guest.boot_seconds; the image is built/checked before the clock starts) [x86_64 <= 3,
+  arm64 <= 2].
+* ``walk_kernel_s[<profile>]``: full walk of the kernel half of the stopped guest into runs
+  (ptlab.walk.Walker over the shared RAM; median of ``--repeat``).
+* ``info_tlb_s[x86_64]``: QEMU's ``info tlb`` on the same stopped guest (the HMP round trip,
+  median), and ``walk_vs_info_tlb_ratio`` = walk_kernel_s[x86_64] / info_tlb_s[x86_64]
+  [<= 0.5].
+* ``read_GiBps[shared]``: PhysMemory.read (2 MiB reads, bytes copied out) over all guest
+  RAM through the shared mapping, median of 3 passes (``[shared-first]``: the first pass, which
+  faults the mapping in; ``[shared-view]``: numpy over the zero-copy view);
+  ``read_GiBps[pmemsave]``: PhysMemory.read through the pmemsave backend (64 MiB chunks,
+  first 256 MiB).
+
+Diagnostics (targets, progress) go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ALL_PROFILES = ("x86_64", "x86_64-la57", "x86_64-pti", "arm64", "arm64-kpti")
+CHUNK = 64 << 20  # pmemsave chunk
+READ_CHUNK = 2 << 20  # PhysMemory.read size over the shared mapping
+PMEMSAVE_BYTES = 256 << 20
+TARGETS = {
+    "boot_to_agent_s[x86_64]": ("<=", 3.0),
+    "boot_to_agent_s[arm64]": ("<=", 2.0),
+    "walk_vs_info_tlb_ratio": ("<=", 0.5),
+}
+
+
+def figure(name: str, value: float, unit: str) -> None:
+    print(f"{name}: {value:.4g} {unit}".rstrip(), flush=True)
+    target = TARGETS.get(name)
+    if target is not None:
+        op, limit = target
+        ok = value <= limit if op == "<=" else value >= limit
+        print(f"# {name} target {op} {limit}: {'met' if ok else 'MISSED'}", file=sys.stderr)
+
+
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_all(mem, ranges: list[tuple[int, int]], limit: int | None = None,
+             chunk: int = CHUNK) -> int:
+    """Read ``ranges`` (up to ``limit`` bytes) with PhysMemory.read in ``chunk`` pieces."""
+    total = 0
+    for start, end in ranges:
+        pa = start
+        while pa < end and (limit is None or total < limit):
+            n = min(chunk, end - pa)
+            total += len(mem.read(pa, n))
+            pa += n
+    return total
+
+
+def bench_profile(profile: str, repeat: int, do_io: bool) -> None:
+    from ptharness.guest import Guest
+    from ptharness.image import ensure_image
+    from ptharness.oracle import info_tlb
+    from ptharness.scenarios import walk_kernel
+
+    arch = "arm64" if profile.startswith("arm64") else "x86_64"
+    image = ensure_image(arch, progress=lambda *a: print(*a, file=sys.stderr))
+    load = Path("/proc/loadavg").read_text().split()[0]
+    print(f"# booting {profile} (host load {load})", file=sys.stderr)
+    with Guest(profile, image=image) as g:
+        figure(f"boot_to_agent_s[{profile}]", g.boot_seconds, "s")
+        root = g.kernel_root()
+        fmt = g.kernel_format()
+        g.stop()
+        walks = [walk_kernel(fmt, g.memory, root) for _ in range(repeat)]
+        walk_s = statistics.median(w.seconds for w in walks)
+        print(f"# {profile}: {len(walks[0].runs)} runs, {walks[0].tables} tables",
+              file=sys.stderr)
+        figure(f"walk_kernel_s[{profile}]", walk_s, "s")
+        if profile == "x86_64":
+            tlb_s = median_time(lambda: info_tlb(g.hmp), repeat)
+            raw_s = median_time(lambda: g.hmp("info tlb"), repeat)
+            figure("info_tlb_s[x86_64]", raw_s, "s")
+            figure("info_tlb_parsed_s[x86_64]", tlb_s, "s")
+            figure("walk_vs_info_tlb_ratio", walk_s / raw_s, "")
+        if do_io:
+            mem = g.memory
+            ranges = mem.ranges()
+            rates = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                n = read_all(mem, ranges, chunk=READ_CHUNK)
+                rates.append(n / (time.perf_counter() - t0) / (1 << 30))
+            figure("read_GiBps[shared-first]", rates[0], "GiB/s")
+            figure("read_GiBps[shared]", statistics.median(rates), "GiB/s")
+            t0 = time.perf_counter()
+            n = sum(int(np.frombuffer(mem.view(s, e - s), dtype="<u8").sum() >= 0) * (e - s)
+                    for s, e in ranges)
+            figure("read_GiBps[shared-view]", n / (time.perf_counter() - t0) / (1 << 30),
+                   "GiB/s")
+            pmem = g.pmem(chunk=CHUNK)
+            try:
+                t0 = time.perf_counter()
+                n = read_all(pmem, ranges, PMEMSAVE_BYTES)
+                secs = time.perf_counter() - t0
+            finally:
+                pmem.close()
+            figure("read_GiBps[pmemsave]", n / secs / (1 << 30), "GiB/s")
+            dump = g.rundir / "bench-pmemsave.bin"
+            try:
+                t0 = time.perf_counter()
+                g.qmp("pmemsave", val=ranges[0][0], size=CHUNK, filename=str(dump))
+                secs = time.perf_counter() - t0
+            finally:
+                dump.unlink(missing_ok=True)
+            figure("pmemsave_raw_GiBps", CHUNK / secs / (1 << 30), "GiB/s")
+        g.cont()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profiles", default=",".join(ALL_PROFILES),
+                    help="comma-separated guest profiles (default: all)")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions for medians")
+    args = ap.parse_args(argv)
+    profiles = [p for p in args.profiles.split(",") if p]
+    unknown = [p for p in profiles if p not in ALL_PROFILES]
+    if unknown or not profiles:
+        ap.error(f"unknown profile(s) {unknown}; known: {', '.join(ALL_PROFILES)}")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    io_done = False
+    for p in profiles:
+        bench_profile(p, args.repeat, do_io=not io_done)
+        io_done = True
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # one clear line, not a traceback
+        print(f"bench/guest.py: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,772 @@
+"""`Guest`: a real Debian kernel under TCG QEMU, driven over QMP, SSH and the gdbstub.
+
+    with Guest("x86_64") as g:          # boots, waits for PTLAB-READY, SSH and `ptagent info`
+        g.stop()
+        walk(g.kernel_format(), g.memory, g.kernel_root())
+
+Everything of one run lives in a private 0700 run directory (in /dev/shm when it exists):
+the QMP and gdbstub sockets, the serial log, QEMU's stderr and the shared RAM files (unlinked
+as soon as they are mapped). A watchdog thread notices a QEMU exit or a kernel panic at once
+and aborts any SSH command in flight; every wait is bounded and every failure is a
+:class:`GuestError` carrying the console's last lines. QEMU is killed and reaped and the run
+directory removed on exit, on errors in ``__enter__``, on KeyboardInterrupt, and (failing all
+else) at garbage collection; PR_SET_PDEATHSIG kills QEMU if the harness process dies (for
+guests started from the main thread), and the next Guest sweeps run directories whose owner
+process is gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from ptlab.formats import Format
+from ptlab.memory import MemoryError_
+from ptlab.memory.elfcore import parse_notes
+from ptlab.memory.vmcoreinfo import VmcoreInfo, VmcoreInfoError
+
+from .gdbstub import GdbClient, GdbError
+from .guestmem import PmemsaveRAM, SharedRAM
+from .profiles import (
+    VIRTIO_MEM_BACKEND,
+    VIRTIO_MEM_ID,
+    VIRTIO_MEM_MB,
+    Profile,
+    RunPaths,
+    get_profile,
+    qemu_command,
+)
+from .qmp import Monitor, MonitorError, parse_info_registers, parse_mtree_ram
+from .ssh import Session, SshError, generate_key, key_param
+
+READY_MARK = b"PTLAB-READY"
+PANIC_MARKS = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
+AGENT = "/bin/ptagent"
+ARM64_SYSREGS = ("TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "cpsr", "pc")
+X86_CR4_LA57 = 1 << 12
+PORT_ATTEMPTS = 6
+
+
+class GuestError(RuntimeError):
+    """The guest failed: boot, kernel panic, QEMU exit, SSH hang. Includes the console tail."""
+
+
+class AgentError(RuntimeError):
+    """``ptagent`` answered with an error object."""
+
+    def __init__(self, errno: int, msg: str) -> None:
+        super().__init__(f"ptagent: {msg} (errno {errno})")
+        self.errno = errno
+        self.msg = msg
+
+
+def run_base() -> str | None:
+    """Where run directories go: $PTLAB_RUNDIR, else /dev/shm (RAM files are big), else $TMPDIR."""
+    base = os.environ.get("PTLAB_RUNDIR")
+    if base:
+        return base
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
+
+
+OWNER_FILE = "owner.pid"
+
+
+def sweep_stale_rundirs(base: str | None) -> list[Path]:
+    """Remove run directories left by harness processes that died without cleaning up
+    (SIGKILL, SIGTERM): those whose owner.pid names a process that no longer exists."""
+    removed = []
+    for d in Path(base or tempfile.gettempdir()).glob("ptlab-*"):
+        try:
+            pid = int((d / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def free_port() -> int:
+    """A currently free 127.0.0.1 TCP port (QEMU may still lose a race for it: retry)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _Resources:
+    """What must be released even if the Guest object is lost: the process and the run dir."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.rundir: Path | None = None
+
+    def release(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
+                pass
+        rundir, self.rundir = self.rundir, None
+        if rundir is not None:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+
+class Guest:
+    """A booted guest of ``profile`` (see :data:`ptharness.profiles.PROFILES`)."""
+
+    def __init__(
+        self,
+        profile: str,
+        *,
+        mem_mb: int = 1024,
+        hotplug: bool = False,
+        boot_timeout: float = 120.0,
+        smp: int = 1,
+        image: Any = None,
+    ) -> None:
+        self.profile: Profile = get_profile(profile)
+        if not isinstance(mem_mb, int) or mem_mb < 128 or mem_mb % 2:
+            raise ValueError(f"mem_mb must be an even int >= 128, not {mem_mb!r}")
+        if boot_timeout <= 0:
+            raise ValueError("boot_timeout must be positive")
+        self.mem_mb = mem_mb
+        self.hotplug = hotplug
+        self.boot_timeout = boot_timeout
+        self.smp = smp
+        self.image = image
+        self._info: dict[str, Any] | None = None
+        self.boot_seconds: float | None = None  # QEMU start -> first agent reply
+        self.timings: dict[str, float] = {}  # boot phases, seconds since QEMU start
+        self.ssh_port: int | None = None
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, self._res.release)
+        self._paths: RunPaths | None = None
+        self._monitor: Monitor | None = None
+        self._session: Session | None = None
+        self._memory: SharedRAM | None = None
+        self._layout_done = False
+        self._vmcoreinfo: VmcoreInfo | None = None
+        self._dimms: dict[str, tuple[str, int]] = {}  # device id -> (backend id, size)
+        self._dimm_seq = 0
+        self._stop_watch = threading.Event()
+        self._changed = threading.Event()
+        self._ready = False
+        self._dead: str | None = None
+        self._watch: threading.Thread | None = None
+        self._key: Any = None
+        self._gdb_regs: dict[str, Any] | None = None
+        self._checkpointed = False
+
+    # ----------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Guest:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def rundir(self) -> Path:
+        if self._paths is None:
+            raise GuestError("guest not started")
+        return self._paths.rundir
+
+    @property
+    def pid(self) -> int | None:
+        return self._res.proc.pid if self._res.proc else None
+
+    def start(self) -> None:
+        """Boot and wait until the agent answers (GuestError on any failure)."""
+        if self._paths is not None:
+            raise GuestError("a Guest starts once; make a new one")
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        if self.image is None:
+            from .image import ensure_image
+
+            self.image = ensure_image(self.profile.arch)
+        image = self.image
+        vmlinux = getattr(image, "vmlinux", None) if self.profile.pvh else None
+        kernel = Path(vmlinux) if vmlinux else Path(image.kernel)
+        sweep_stale_rundirs(run_base())
+        self._res.rundir = Path(tempfile.mkdtemp(prefix="ptlab-", dir=run_base()))
+        os.chmod(self._res.rundir, 0o700)
+        (self._res.rundir / OWNER_FILE).write_text(str(os.getpid()))
+        self._paths = paths = RunPaths(self._res.rundir)
+        key, pub = generate_key()
+        self._key = key
+        t0 = time.monotonic()
+        deadline = t0 + self.boot_timeout
+        self._launch(paths, kernel, Path(image.initrd), key_param(pub), deadline)
+        self.timings["qmp"] = time.monotonic() - t0
+        self._map_backends()
+        self._watch = threading.Thread(target=self._watchdog, name="ptlab-watchdog", daemon=True)
+        self._watch.start()
+        self._wait_ready(deadline)
+        self.timings["ready"] = time.monotonic() - t0
+        assert self.ssh_port is not None
+        try:
+            self._session = Session.connect(
+                self.ssh_port, key, image.host_key_pub, deadline=deadline,
+                alive=lambda: self._dead is None,
+            )
+        except SshError as e:
+            raise self._error(f"SSH: {e}") from None
+        self.timings["ssh"] = time.monotonic() - t0
+        # `ping` proves the agent answers (~0.1 s); `info` (~1 s: it scans kallsyms) is fetched
+        # when first needed, see :attr:`info`.
+        self.agent("ping", timeout=max(5.0, deadline - time.monotonic()))
+        self.boot_seconds = self.timings["agent"] = time.monotonic() - t0
+        # Read VMCOREINFO now, while the guest surely runs: kernel_root() on a stopped guest
+        # then needs no SSH.
+        self.vmcoreinfo()
+        self.timings["vmcoreinfo"] = time.monotonic() - t0
+
+    def _launch(self, paths: RunPaths, kernel: Path, initrd: Path, key_b64: str,
+                deadline: float) -> None:
+        """Start QEMU and connect QMP; pick another SSH port if QEMU lost the port race."""
+        for _attempt in range(PORT_ATTEMPTS):
+            self.ssh_port = free_port()
+            argv = qemu_command(
+                self.profile, kernel=kernel, initrd=initrd, paths=paths, ssh_port=self.ssh_port,
+                key_b64=key_b64, mem_mb=self.mem_mb, hotplug=self.hotplug, smp=self.smp,
+            )
+            for f in (paths.serial, paths.stderr, paths.qmp, paths.gdb, paths.ram):
+                f.unlink(missing_ok=True)
+            with open(paths.stderr, "wb") as err:
+                try:
+                    self._res.proc = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                        start_new_session=True,
+                        # PDEATHSIG fires when the forking *thread* exits: main thread only.
+                        preexec_fn=_die_with_parent if threading.current_thread()
+                        is threading.main_thread() else None,
+                    )
+                except OSError as e:
+                    raise GuestError(f"cannot start {argv[0]}: {e}") from None
+            proc = self._res.proc
+            monitor = Monitor(paths.qmp)
+            try:
+                monitor.connect(min(deadline, time.monotonic() + 30),
+                                alive=lambda p=proc: p.poll() is None)
+            except MonitorError as e:
+                proc.kill()
+                proc.wait()
+                self._res.proc = None
+                stderr = paths.stderr.read_text(errors="replace").strip()
+                if "forward" in stderr and time.monotonic() < deadline:
+                    continue  # another process took the port between our probe and QEMU
+                raise GuestError(f"QEMU did not start ({e}): {stderr[-2000:]}") from None
+            self._monitor = monitor
+            return
+        raise GuestError(f"no free SSH port after {PORT_ATTEMPTS} attempts")
+
+    def _map_backends(self) -> None:
+        """mmap the RAM files QEMU created, then unlink them (freed when both let go)."""
+        assert self._paths is not None
+        mem = SharedRAM()
+        self._memory = mem
+        files = [("ram0", self._paths.ram, self.mem_mb << 20)]
+        if self.hotplug and self.profile.arch == "arm64":
+            files.append((VIRTIO_MEM_BACKEND, self._paths.backend(VIRTIO_MEM_BACKEND),
+                          VIRTIO_MEM_MB << 20))
+        for name, path, size in files:
+            try:
+                mem.map_file(name, path, size)
+            except (OSError, ValueError) as e:
+                raise GuestError(f"cannot map guest RAM {path}: {e}") from None
+            path.unlink(missing_ok=True)
+
+    def _watchdog(self) -> None:
+        """Watch the QEMU process and the serial log until close()."""
+        assert self._paths is not None and self._res.proc is not None
+        proc, pos, tail = self._res.proc, 0, b""
+        while not self._stop_watch.is_set():
+            try:
+                with open(self._paths.serial, "rb") as f:
+                    f.seek(pos)
+                    data = f.read(1 << 20)
+            except OSError:  # the run directory is going away: close() is running
+                data = b""
+            if data:
+                pos += len(data)
+                window = tail + data
+                if not self._ready and READY_MARK in window:
+                    self._ready = True
+                    self._changed.set()
+                if any(m in window for m in PANIC_MARKS):
+                    time.sleep(0.1)  # let the rest of the panic message land
+                    self._fail(self._panic_line())
+                    return
+                tail = window[-64:]
+            rc = proc.poll()
+            if rc is not None:
+                time.sleep(0.05)  # let the last console bytes land before reporting
+                self._fail(f"QEMU exited with status {rc}")
+                return
+            self._stop_watch.wait(0.05)
+
+    def _panic_line(self) -> str:
+        for line in reversed(self.console_tail(400).splitlines()):
+            if "Kernel panic - not syncing" in line:
+                return "kernel panic: " + line.split("] ", 1)[-1].strip()
+        return "kernel panic"
+
+    def _fail(self, reason: str) -> None:
+        if self._dead is None:
+            self._dead = reason
+        self._changed.set()
+        session = self._session
+        if session is not None:
+            try:
+                session.abort()  # unblocks a command waiting on the dead guest
+            except Exception:  # noqa: BLE001 - best effort from the watchdog thread
+                pass
+
+    def _wait_ready(self, deadline: float) -> None:
+        while not self._ready:
+            if self._dead is not None:
+                raise self._error(f"boot failed: {self._dead}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._error(f"no {READY_MARK.decode()} within {self.boot_timeout:g} s")
+            self._changed.wait(min(left, 0.5))
+            self._changed.clear()
+
+    def close(self) -> None:
+        """Kill and reap QEMU, drop mappings and connections, remove the run directory."""
+        self._stop_watch.set()
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+        if self._watch is not None and self._watch is not threading.current_thread():
+            self._watch.join(timeout=5)
+            self._watch = None
+        self._res.release()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+        if self._dead is None:
+            self._dead = "closed"
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The agent's ``info`` reply (uname, cmdline, vmcoreinfo, kallsyms...), fetched once."""
+        if self._info is None:
+            self._info = self.agent("info")
+        return self._info
+
+    @info.setter
+    def info(self, value: dict[str, Any]) -> None:
+        self._info = value
+
+    @property
+    def alive(self) -> bool:
+        proc = self._res.proc
+        return self._dead is None and proc is not None and proc.poll() is None
+
+    # ----------------------------------------------------------------- console and errors
+    def console_tail(self, n: int = 40) -> str:
+        """The last ``n`` lines of the serial console."""
+        if self._paths is None or not self._paths.serial.exists():
+            return ""
+        with open(self._paths.serial, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256 * max(n, 1)))
+            text = f.read().decode(errors="replace").replace("\r", "")
+        return "\n".join(text.splitlines()[-n:])
+
+    def _error(self, what: str) -> GuestError:
+        tail = self.console_tail(25)
+        msg = f"{self.profile.name}: {what}\n--- console tail ---\n{tail}"
+        proc = self._res.proc
+        if proc is not None and proc.poll() is not None and self._paths is not None:
+            try:
+                err = self._paths.stderr.read_text(errors="replace").strip()
+            except OSError:
+                err = ""
+            if err:
+                msg += "\n--- QEMU stderr ---\n" + "\n".join(err.splitlines()[-10:])
+        return GuestError(msg)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._error(self._dead)
+
+    # ----------------------------------------------------------------- QMP / HMP
+    def qmp(self, cmd: str, **args: Any) -> Any:
+        """Run a QMP command (``_`` in argument names become ``-``)."""
+        self._check_alive()
+        assert self._monitor is not None
+        try:
+            return self._monitor.cmd(cmd, **args)
+        except MonitorError:
+            if not self.alive or self._res.proc is None or self._res.proc.poll() is not None:
+                self._fail("QEMU exited")
+                raise self._error(f"QMP {cmd}: QEMU is gone") from None
+            raise
+
+    def hmp(self, cmd: str) -> str:
+        """Run a human-monitor command, return its text."""
+        return str(self.qmp("human-monitor-command", command_line=cmd))
+
+    def stop(self) -> None:
+        """Pause the vCPUs (memory and registers are then stable)."""
+        self.qmp("stop")
+
+    def cont(self) -> None:
+        self.qmp("cont")
+
+    @property
+    def running(self) -> bool:
+        return bool(self.qmp("query-status")["running"])
+
+    # ----------------------------------------------------------------- fast reset
+    def checkpoint(self) -> None:
+        """Save the whole VM (RAM, devices, CPU) as snapshot "ptlab" for :meth:`reset`.
+
+        Takes ~2.5 s once (x86, 1 GiB); the state goes into a qcow2 file in the run directory.
+        """
+        self._check_alive()
+        image = self.rundir / "vmstate.qcow2"
+        if not image.exists():
+            try:
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"],
+                               check=True, capture_output=True, timeout=30)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise GuestError(f"cannot create the snapshot image: {e}") from None
+            out = self.hmp(f"drive_add 0 if=none,id=vmstate,file={image},format=qcow2")
+            if "OK" not in out:
+                raise self._error(f"drive_add for snapshots failed: {out.strip()}")
+        out = self.hmp("savevm ptlab")
+        if out.strip():
+            raise self._error(f"savevm failed: {out.strip()}")
+        self._checkpointed = True
+
+    def reset(self) -> None:
+        """Return to the last :meth:`checkpoint` (~0.5 s instead of a ~4 s reboot): loadvm and
+        reconnect SSH. The device set must be the one checkpointed (no hotplug in between)."""
+        if not self._checkpointed:
+            raise GuestError("reset() needs a checkpoint() first")
+        self._check_alive()
+        out = self.hmp("loadvm ptlab")
+        if out.strip():
+            raise self._error(f"loadvm failed: {out.strip()}")
+        assert self._session is not None and self.ssh_port is not None
+        self._session.abort()  # its TCP state went back in time with the guest
+        self._session = None
+        try:
+            self._session = Session.connect(
+                self.ssh_port, self._key, self.image.host_key_pub,
+                deadline=time.monotonic() + 30, alive=lambda: self._dead is None,
+            )
+        except SshError as e:
+            raise self._error(f"SSH after reset: {e}") from None
+        # self.info still holds: same boot, same kernel as at the checkpoint
+
+    # ----------------------------------------------------------------- SSH and agent
+    def ssh(self, cmd: str, timeout: float = 30) -> tuple[int, str, str]:
+        """(status, stdout, stderr) of a shell command in the guest."""
+        self._check_alive()
+        if self._session is None:
+            raise self._error("no SSH session")
+        try:
+            return self._session.run(cmd, timeout=timeout)
+        except SshError as e:
+            if self._dead is None:
+                time.sleep(0.2)  # a dying QEMU: let the watchdog name the cause
+            raise self._error(f"SSH: {self._dead or e}") from None
+
+    def agent(self, *args: str, timeout: float = 30) -> dict[str, Any]:
+        """Run ``ptagent ARGS`` and return its JSON reply; AgentError on an error reply."""
+        status, out, err = self.ssh(shlex.join([AGENT, *args]), timeout=timeout)
+        lines = [ln for ln in out.splitlines() if ln.strip()]
+        try:
+            reply = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise AgentError(status or -1, f"no JSON reply to {args!r} (status {status}): "
+                                           f"{(out + err).strip()[-300:]!r}")
+        error = reply.get("error")
+        if error or reply.get("ok") is False:
+            if isinstance(error, dict):
+                raise AgentError(int(error.get("errno", 0)), str(error.get("msg", error)))
+            raise AgentError(int(reply.get("errno", 0)), str(error or reply))
+        return reply
+
+    # ----------------------------------------------------------------- memory
+    @property
+    def memory(self) -> SharedRAM:
+        """Guest RAM (boot RAM and hotplugged memory) as a zero-copy PhysMemory."""
+        if self._memory is None:
+            raise GuestError("guest not running")
+        if not self._layout_done:
+            self._load_layout()
+        return self._memory
+
+    def _load_layout(self) -> None:
+        """Place the mapped backends at their guest-physical addresses (from QMP)."""
+        assert self._memory is not None
+        for r in parse_mtree_ram(self.hmp("info mtree -f"), {"ram0"}):
+            self._memory.add_range(r.pa, r.size, r.backend, r.offset)
+        for dev in self.qmp("query-memory-devices"):
+            data = dev.get("data", {})
+            if dev.get("type") == "virtio-mem" and data.get("id") == VIRTIO_MEM_ID:
+                self._memory.add_range(int(data["memaddr"]), int(data["max-size"]),
+                                       VIRTIO_MEM_BACKEND)
+        self._layout_done = True
+
+    def pmem(self, chunk: int = 2 << 20) -> PmemsaveRAM:
+        """A pmemsave-based PhysMemory over the same RAM ranges (cached; invalidate())."""
+        ranges = self.memory.ranges()
+
+        def dump(pa: int, size: int, path: Path) -> None:
+            self.qmp("pmemsave", val=pa, size=size, filename=str(path))
+
+        return PmemsaveRAM(dump, ranges, self.rundir, chunk=chunk)
+
+    # ----------------------------------------------------------------- registers and roots
+    def registers(self) -> dict[str, int]:
+        """x86: cr0, cr2, cr3, cr4, efer, rip, cpl (HMP); arm64: ttbr0_el1, ttbr1_el1, tcr_el1,
+        cpsr, pc (gdbstub; EL = cpsr >> 2 & 3). The VM's run state is left as it was."""
+        if self.profile.arch == "x86_64":
+            return parse_info_registers(self.hmp("info registers"))
+        self._check_alive()
+        assert self._paths is not None
+        was_running = self.running
+        try:
+            with GdbClient(self._paths.gdb, known=self._gdb_regs) as gdb:  # pauses the VM
+                regs = gdb.read_registers(list(ARM64_SYSREGS))
+                self._gdb_regs = gdb.registers()
+        except GdbError as e:
+            raise self._error(f"gdbstub: {e}") from None
+        finally:
+            if was_running and self.alive:
+                self.cont()
+        return {k.lower(): v for k, v in regs.items()}
+
+    def vmcoreinfo(self) -> VmcoreInfo:
+        """The kernel's VMCOREINFO note, read from guest RAM at the address the guest reports."""
+        if self._vmcoreinfo is None:
+            pa, size = self._vmcoreinfo_location()
+            try:
+                notes = parse_notes(self.memory.read(pa, size), where="vmcoreinfo note")
+            except (MemoryError_, ValueError) as e:
+                raise self._error(f"VMCOREINFO note at PA {pa:#x}+{size:#x}: {e}") from None
+            for note in notes:
+                if note.name == "VMCOREINFO":
+                    self._vmcoreinfo = VmcoreInfo(note.desc)
+                    break
+            else:
+                raise self._error(f"no VMCOREINFO note at PA {pa:#x}")
+        return self._vmcoreinfo
+
+    def _vmcoreinfo_location(self) -> tuple[int, int]:
+        # Only an `info` reply already at hand: fetching one needs a running guest.
+        v = (self._info or {}).get("vmcoreinfo")
+        cand: list[Any] = []
+        if isinstance(v, dict):
+            cand = [v.get("paddr", v.get("pa", v.get("addr"))), v.get("size")]
+        elif isinstance(v, list | tuple) and len(v) == 2:
+            cand = list(v)
+        elif isinstance(v, str) and len(v.split()) == 2:
+            cand = v.split()
+        try:
+            pa, size = (int(x, 16) if isinstance(x, str) else int(x) for x in cand)
+            return pa, size
+        except (TypeError, ValueError):
+            pass
+        status, out, _ = self.ssh("cat /sys/kernel/vmcoreinfo")
+        try:
+            a, b = out.split()
+            return int(a, 16), int(b, 16)
+        except ValueError:
+            raise self._error(f"cannot locate VMCOREINFO (agent: {v!r}, sysfs: {out!r})") from None
+
+    def kernel_root(self) -> int:
+        """PA of the kernel's root table from VMCOREINFO, checked against the live registers."""
+        try:
+            root = self.vmcoreinfo().kernel_root(self.profile.arch)
+        except VmcoreInfoError as e:
+            raise self._error(f"VMCOREINFO: {e}") from None
+        regs = self.registers()
+        if self.profile.arch == "x86_64":
+            base = regs["cr3"] & 0x000F_FFFF_FFFF_F000
+            if self.profile.kpti:
+                base &= ~0x1000  # the user PGD is the kernel PGD + 4 KiB
+            if base != root:
+                # CR3 holds the current mm's PGD: its kernel half must be init_top_pgt's.
+                mine = self.memory.read_table(base, 512)[256:]
+                init = self.memory.read_table(root, 512)[256:]
+                if not (mine == init).all():
+                    raise self._error(f"CR3 {regs['cr3']:#x} and init_top_pgt {root:#x} "
+                                      "disagree on the kernel half")
+            l5 = bool(regs["cr4"] & X86_CR4_LA57)
+            vl5 = self.vmcoreinfo().pgtable_l5_enabled
+            if vl5 is not None and vl5 != l5:
+                raise self._error(f"CR4.LA57={l5} but VMCOREINFO pgtable_l5_enabled={vl5}")
+        else:
+            base = regs["ttbr1_el1"] & 0x0000_FFFF_FFFF_F000
+            allowed = {root, root - 0x2000} if self.profile.kpti else {root}  # tramp_pg_dir
+            if base not in allowed:
+                raise self._error(f"TTBR1_EL1 {regs['ttbr1_el1']:#x} is not swapper_pg_dir "
+                                  f"{root:#x}")
+            t1sz = (regs["tcr_el1"] >> 16) & 0x3F
+            vt1sz = self.vmcoreinfo().tcr_el1_t1sz
+            if vt1sz is not None and vt1sz != t1sz:
+                raise self._error(f"TCR_EL1.T1SZ={t1sz} but VMCOREINFO says {vt1sz}")
+        return root
+
+    def kernel_format(self) -> Format:
+        """The kernel half's format: x86 4/5-level per CR4.LA57; arm64 from TCR_EL1."""
+        regs = self.registers()
+        if self.profile.arch == "x86_64":
+            from ptlab.formats.x86 import X86_64
+
+            return X86_64(5 if regs["cr4"] & X86_CR4_LA57 else 4)
+        from ptlab.formats.arm64 import Arm64
+
+        tcr = regs["tcr_el1"]
+        granule = {0b10: 4096, 0b01: 16384, 0b11: 65536}.get((tcr >> 30) & 3)
+        if granule is None:
+            raise self._error(f"TCR_EL1 {tcr:#x}: reserved TG1")
+        return Arm64(granule, 64 - ((tcr >> 16) & 0x3F), upper=True)
+
+    # ----------------------------------------------------------------- hotplug
+    def plug_dimm(self, size_mb: int) -> str:
+        """x86: add a ``size_mb`` pc-dimm backed by a shared file; return its device id."""
+        if self.profile.arch != "x86_64" or not self.hotplug:
+            raise GuestError("plug_dimm needs an x86 guest started with hotplug=True")
+        if size_mb <= 0 or size_mb % 128:
+            raise ValueError(f"DIMM size must be a positive multiple of 128 MiB, not {size_mb}")
+        self._dimm_seq += 1
+        dev, backend = f"dimm{self._dimm_seq}", f"dimm{self._dimm_seq}-mem"
+        path = self.rundir / backend
+        size = size_mb << 20
+        self.qmp("object-add", qom_type="memory-backend-file", id=backend, size=size,
+                 mem_path=str(path), share=True)
+        try:
+            self.qmp("device_add", driver="pc-dimm", id=dev, memdev=backend)
+        except BaseException:
+            self.qmp("object-del", id=backend)
+            path.unlink(missing_ok=True)
+            raise
+        mem = self.memory
+        mem.map_file(backend, path, size)
+        path.unlink(missing_ok=True)
+        addr = next(int(d["data"]["addr"]) for d in self.qmp("query-memory-devices")
+                    if d.get("data", {}).get("id") == dev)
+        mem.add_range(addr, size, backend)
+        self._dimms[dev] = (backend, size)
+        return dev
+
+    def dimm_address(self, dev: str) -> int:
+        for d in self.qmp("query-memory-devices"):
+            if d.get("data", {}).get("id") == dev:
+                return int(d["data"]["addr"])
+        raise KeyError(dev)
+
+    def unplug_dimm(self, dev: str, timeout: float = 30) -> None:
+        """x86: device_del a DIMM (the guest must have offlined it) and wait for DEVICE_DELETED."""
+        if dev not in self._dimms:
+            raise KeyError(f"no DIMM {dev!r} plugged by this guest")
+        assert self._monitor is not None
+        backend, _size = self._dimms[dev]
+        self._monitor.clear_events()
+        self.qmp("device_del", id=dev)
+        try:
+            self._monitor.wait_event("DEVICE_DELETED", timeout,
+                                     lambda d: d.get("device") == dev)
+        except MonitorError as e:
+            self._check_alive()
+            raise self._error(f"unplug {dev}: {e}") from None
+        self.qmp("object-del", id=backend)
+        self.memory.drop(backend)
+        del self._dimms[dev]
+
+    def virtio_mem_resize(self, size_mb: int, timeout: float = 30) -> None:
+        """arm64: ask the virtio-mem device for ``size_mb`` plugged MiB and wait until it is."""
+        if self.profile.arch != "arm64" or not self.hotplug:
+            raise GuestError("virtio_mem_resize needs an arm64 guest started with hotplug=True")
+        if not 0 <= size_mb <= VIRTIO_MEM_MB:
+            raise ValueError(f"virtio-mem size must be within 0..{VIRTIO_MEM_MB} MiB")
+        path = f"/machine/peripheral/{VIRTIO_MEM_ID}"
+        want = size_mb << 20
+        self.qmp("qom-set", path=path, property="requested-size", value=want)
+        deadline = time.monotonic() + timeout
+        while (size := int(self.qmp("qom-get", path=path, property="size"))) != want:
+            if time.monotonic() > deadline:
+                raise self._error(f"virtio-mem stuck at {size >> 20} MiB, requested {size_mb}")
+            time.sleep(0.05)
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ptharness.guest PROFILE [COMMAND...]``: boot, print boot phases and the
+    kernel root, run COMMAND in the guest (if given), shut down."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m ptharness.guest", description=main.__doc__)
+    ap.add_argument("profile")
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    ap.add_argument("--hotplug", action="store_true")
+    ap.add_argument("--mem-mb", type=int, default=1024)
+    args = ap.parse_args(argv)
+    try:
+        with Guest(args.profile, mem_mb=args.mem_mb, hotplug=args.hotplug) as g:
+            phases = " ".join(f"{k}={v:.2f}s" for k, v in g.timings.items())
+            print(f"{args.profile}: {phases}")
+            print(f"kernel root {g.kernel_root():#x}, format {g.kernel_format().name}")
+            if args.command:
+                status, out, err = g.ssh(shlex.join(args.command))
+                sys.stdout.write(out)
+                sys.stderr.write(err)
+                return status
+    except (GuestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Guest profiles (which QEMU, machine, CPU and kernel command line) and the QEMU command line.
+
+A profile names one way of booting a real kernel: x86-64 with 4- or 5-level paging or PTI,
+arm64 with or without KPTI. :func:`qemu_command` turns a profile plus the run's paths into
+the argv of a TCG QEMU whose RAM is a shared file the harness maps (zero copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COMMON_CMDLINE = ("quiet", "panic=-1", "secretmem.enable=1")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One bootable configuration of a guest."""
+
+    name: str
+    arch: str  # "x86_64" | "arm64" (the image's arch)
+    qemu: str  # QEMU system binary
+    machine: str  # -machine type
+    cpu: str  # -cpu model and properties
+    console: str  # serial console device of the kernel
+    levels: int  # paging levels the kernel is expected to use
+    kpti: bool = False  # kernel page-table isolation forced on
+    cmdline: tuple[str, ...] = field(default=())  # profile-specific kernel parameters
+    # Boot the image's PVH vmlinux when it has one (x86: 2x faster, but the PVH entry skips
+    # the decompressor, so no KASLR and no switch to 5-level paging).
+    pvh: bool = True
+
+    @property
+    def ram_base(self) -> int:
+        """PA where the machine places the first byte of boot RAM."""
+        return 0x4000_0000 if self.arch == "arm64" else 0
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile("x86_64", "x86_64", "qemu-system-x86_64", "q35", "max,-la57", "ttyS0", 4),
+        Profile("x86_64-la57", "x86_64", "qemu-system-x86_64", "q35", "max", "ttyS0", 5,
+                pvh=False),
+        Profile(
+            "x86_64-pti", "x86_64", "qemu-system-x86_64", "q35", "max,-la57", "ttyS0", 4,
+            kpti=True, cmdline=("pti=on",),
+        ),
+        Profile("arm64", "arm64", "qemu-system-aarch64", "virt", "max,pauth-impdef=on",
+                "ttyAMA0", 4),
+        Profile(
+            "arm64-kpti", "arm64", "qemu-system-aarch64", "virt", "max,pauth-impdef=on",
+            "ttyAMA0", 4, kpti=True, cmdline=("kpti=1",),
+        ),
+    )
+}
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown guest profile {name!r}; known: {', '.join(PROFILES)}") from None
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Files of one run, all inside the private run directory."""
+
+    rundir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.rundir / "qmp.sock"
+
+    @property
+    def gdb(self) -> Path:
+        return self.rundir / "gdb.sock"
+
+    @property
+    def serial(self) -> Path:
+        return self.rundir / "serial.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.rundir / "qemu.err"
+
+    @property
+    def ram(self) -> Path:
+        return self.rundir / "ram0"
+
+    def backend(self, ident: str) -> Path:
+        """File of a hotplugged memory backend."""
+        return self.rundir / ident
+
+
+# Hotplug geometry: x86 pc-dimm slots; arm64 one virtio-mem device of this many MiB.
+X86_SLOTS, X86_MAXMEM_MB = 4, 8192
+ARM64_MAXMEM_MB, VIRTIO_MEM_MB = 4096, 2048
+VIRTIO_MEM_ID, VIRTIO_MEM_BACKEND = "vm0", "vmem0"
+
+
+def kernel_cmdline(profile: Profile, key_b64: str, *, hotplug: bool = False) -> str:
+    """The guest kernel's command line: console, common knobs, the profile's, the SSH key."""
+    args = [f"console={profile.console}", *COMMON_CMDLINE, *profile.cmdline]
+    if hotplug and profile.arch == "arm64":
+        args.append("memhp_default_state=online_movable")
+    args.append(f"ptlab.key={key_b64}")
+    return " ".join(args)
+
+
+def qemu_command(
+    profile: Profile,
+    *,
+    kernel: Path,
+    initrd: Path,
+    paths: RunPaths,
+    ssh_port: int,
+    key_b64: str,
+    mem_mb: int = 1024,
+    hotplug: bool = False,
+    smp: int = 1,
+) -> list[str]:
+    """argv of a TCG QEMU for ``profile``: shared-file RAM, QMP/gdbstub unix sockets in the
+    run directory, serial console to a file, SSH forwarded from 127.0.0.1:``ssh_port``."""
+    if mem_mb <= 0 or mem_mb % 2:
+        raise ValueError(f"mem_mb must be a positive even number of MiB, not {mem_mb}")
+    if not 0 < ssh_port < 65536:
+        raise ValueError(f"bad SSH port {ssh_port}")
+    mem = f"{mem_mb}M"
+    if hotplug:
+        maxmem = X86_MAXMEM_MB if profile.arch == "x86_64" else ARM64_MAXMEM_MB
+        if mem_mb >= maxmem:
+            raise ValueError(f"mem_mb {mem_mb} leaves no room for hotplug below {maxmem} MiB")
+        mem += f",slots={X86_SLOTS},maxmem={maxmem}M" if profile.arch == "x86_64" else (
+            f",maxmem={maxmem}M"
+        )
+    argv = [
+        profile.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-accel", "tcg",
+        "-machine", f"{profile.machine},memory-backend=ram0",
+        "-cpu", profile.cpu, "-smp", str(smp), "-m", mem,
+        "-object",
+        f"memory-backend-file,id=ram0,size={mem_mb}M,mem-path={paths.ram},share=on",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", kernel_cmdline(profile, key_b64, hotplug=hotplug),
+        "-chardev", f"file,id=ser0,path={paths.serial}", "-serial", "chardev:ser0",
+        "-chardev", f"socket,id=qmp0,path={paths.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp0,mode=control",
+        "-chardev", f"socket,id=gdb0,path={paths.gdb},server=on,wait=off", "-gdb", "chardev:gdb0",
+        "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=n0,romfile=",
+    ]
+    if hotplug and profile.arch == "arm64":
+        argv += [
+            "-object",
+            f"memory-backend-file,id={VIRTIO_MEM_BACKEND},size={VIRTIO_MEM_MB}M,"
+            f"mem-path={paths.backend(VIRTIO_MEM_BACKEND)},share=on",
+            "-device",
+            f"virtio-mem-pci,id={VIRTIO_MEM_ID},memdev={VIRTIO_MEM_BACKEND},requested-size=0",
+        ]
+    return argv

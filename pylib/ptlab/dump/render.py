@@ -1,0 +1,382 @@
+"""Render walker runs as the kernel's ptdump debugfs text (x86-64 and arm64, Linux 6.1).
+
+The kernel prints from ``note_page()``, called for every entry the generic walker
+(mm/ptdump.c over mm/pagewalk.c) visits: a line is flushed when the entry's protection bits,
+its level or the address-marker section changes, so lines coalesce regardless of physical
+contiguity and holes (empty entries) are printed too, at the level where the walk met them.
+:func:`note_runs` replays that state machine over walker runs (``include_holes=True``), calling
+it at run starts and at every entry boundary where a marker can trigger, which reproduces the
+kernel's output including its quirks: a marker's header is printed only at the first entry
+boundary at or past it (the line before it may straddle the marker), one marker advance per
+call on x86, and the final flush ending at ``0x0000000000000000``.
+
+Sources: arch/x86/mm/dump_pagetables.c (``note_page``, ``printk_prot``, level names
+pgd/p4d/pud/pmd/pte, "0x%0*lx-0x%0*lx   ", "%9lu%c ", units "BKMGTPE", walk ranges
+{0, PTRS_PER_PGD * PGD_LEVEL_MULT / 2} and {GUARD_HOLE_END_ADDR, ~0UL}, protection value
+``val & PTE_FLAGS_MASK``, which drops a large leaf's PAT bit 12), arch/arm64/mm/ptdump.c
+(``note_page``, ``pte_bits[]``, ``pg_level[]`` names, "0x%016lx-0x%016lx   ", "%9lu%c %s" in
+units "KMGTPE" of KiB, " %s" per bit), mm/pagewalk.c ``real_depth()`` (a hole in a folded
+top level is reported at depth 0, pgd).
+
+Protection bits are re-encoded from the runs' attributes with the format's own codec: the
+leaves' own attributes (``Walker(own_attrs=True)``, which :func:`dump` uses) as the kernel
+prints them, and on x86 the effective RW/USR/NX, which the kernel also compares. Runs walked
+without ``own_attrs`` render their effective attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..formats.base import Entry, Format, FormatError, Kind
+from ..walk import Run, Walker
+from .markers import X86_GUARD_HOLE, Marker, default_markers
+
+__all__ = [
+    "DumpRun", "Header", "Skipped", "dump", "format_items", "format_runs", "kernel_ranges",
+    "note_runs", "render",
+]
+
+_U64 = 1 << 64
+X86_LEVEL_NAMES = ("pgd", "p4d", "pud", "pmd", "pte")
+
+# x86 bits (arch/x86/include/asm/pgtable_types.h)
+_P, _RW, _US, _PWT, _PCD, _PSE, _PAT, _G = 1, 2, 4, 8, 16, 128, 128, 256
+_PAT_LARGE, _NX = 1 << 12, 1 << 63
+X86_PTE_FLAGS_MASK = (_U64 - 1) & ~(((1 << 52) - 1) & ~0xFFF)  # ~PTE_PFN_MASK
+X86_FLAGS = ("USR", "RW", "ro", "PWT", "PCD", "PSE", "PAT", "GLB", "NX", "x")
+
+# arm64 pte_bits[] (arch/arm64/mm/ptdump.c): (mask, val, set, clear)
+_A_VALID, _A_TABLE, _A_USER, _A_RDONLY, _A_SH, _A_AF, _A_NG = 1, 2, 1 << 6, 1 << 7, 3 << 8, \
+    1 << 10, 1 << 11
+_A_GP, _A_CONT, _A_PXN, _A_UXN, _A_ATTRINDX = 1 << 50, 1 << 52, 1 << 53, 1 << 54, 7 << 2
+MT_NAMES = {3: "DEVICE/nGnRnE", 4: "DEVICE/nGnRE", 2: "MEM/NORMAL-NC", 0: "MEM/NORMAL",
+            1: "MEM/NORMAL-TAGGED"}  # MT_* indices of arch/arm64/include/asm/memory.h (6.1)
+ARM64_PTE_BITS: tuple[tuple[int, int, str, str | None], ...] = (
+    (_A_VALID, _A_VALID, " ", "F"),
+    (_A_USER, _A_USER, "USR", "   "),
+    (_A_RDONLY, _A_RDONLY, "ro", "RW"),
+    (_A_PXN, _A_PXN, "NX", "x "),
+    (_A_SH, _A_SH, "SHD", "   "),
+    (_A_AF, _A_AF, "AF", "  "),
+    (_A_NG, _A_NG, "NG", "  "),
+    (_A_CONT, _A_CONT, "CON", "   "),
+    (_A_TABLE, _A_TABLE, "   ", "BLK"),
+    (_A_UXN, _A_UXN, "UXN", "   "),
+    (_A_GP, _A_GP, "GP", "  "),
+    *((_A_ATTRINDX, idx << 2, name, None) for idx, name in MT_NAMES.items()),
+)
+ARM64_PROT_MASK = 0
+for _mask, *_ in ARM64_PTE_BITS:
+    ARM64_PROT_MASK |= _mask
+
+
+@dataclass(frozen=True, slots=True)
+class DumpRun:
+    """One printed ptdump line: [va, end) (end 0 = the top of the address space), the flag
+    words as printed (x86: USR RW/ro PWT PCD PSE PAT GLB NX/x; arm64: F USR RW/ro NX/x SHD AF NG
+    CON BLK UXN GP and the memory type; empty for a hole), the level name as printed and the
+    marker section it was printed under."""
+
+    va: int
+    end: int
+    flags: tuple[str, ...]
+    level: str
+    section: str = ""
+
+    @property
+    def size(self) -> int:
+        return (self.end - self.va) % _U64 or _U64
+
+    @property
+    def mapped(self) -> bool:
+        return bool(self.flags) and "F" not in self.flags
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A ``---[ name ]---`` marker line."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """x86's ``... N entries skipped ...`` line (sections with max_lines)."""
+
+    count: int
+
+
+Item = DumpRun | Header | Skipped
+
+
+# --- protection bits ----------------------------------------------------------------------------
+def x86_flag_words(prot: int, depth: int) -> tuple[str, ...]:
+    """printk_prot(): the words printed for ``prot`` at ptdump depth ``depth`` (0 pgd..4 pte)."""
+    if not prot & _P:
+        return ()
+    out = ["USR"] if prot & _US else []
+    out.append("RW" if prot & _RW else "ro")
+    if prot & _PWT:
+        out.append("PWT")
+    if prot & _PCD:
+        out.append("PCD")
+    if depth <= 3 and prot & _PSE:
+        out.append("PSE")
+    if (depth == 4 and prot & _PAT) or (depth in (2, 3) and prot & _PAT_LARGE):
+        out.append("PAT")
+    if prot & _G:
+        out.append("GLB")
+    out.append("NX" if prot & _NX else "x")
+    return tuple(out)
+
+
+def arm64_flag_words(prot: int) -> tuple[str, ...]:
+    """dump_prot() over pte_bits[]: the non-blank words printed for ``prot`` (empty if 0)."""
+    if not prot:
+        return ()
+    out = []
+    for mask, val, on, off in ARM64_PTE_BITS:
+        word = on if prot & mask == val else off
+        if word and word.strip():
+            out.append(word.strip())
+    return tuple(out)
+
+
+def _x86_prot_text(flags: tuple[str, ...]) -> str:
+    if not flags:
+        return " " * 30
+    unknown = set(flags) - set(X86_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown x86 ptdump flags {sorted(unknown)}")
+    f = set(flags)
+    return ("USR " if "USR" in f else "    ") + ("RW " if "RW" in f else "ro ") + "".join(
+        f"{w} " if w in f else "    " for w in ("PWT", "PCD", "PSE", "PAT", "GLB")
+    ) + ("NX " if "NX" in f else "x  ")
+
+
+def _arm64_prot_text(flags: tuple[str, ...]) -> str:
+    if not flags:
+        return ""
+    f = set(flags)
+    known = {"F", "USR", "RW", "ro", "NX", "x", "SHD", "AF", "NG", "CON", "BLK", "UXN", "GP",
+             *MT_NAMES.values()}
+    if f - known:
+        raise ValueError(f"unknown arm64 ptdump flags {sorted(f - known)}")
+    words = []
+    for _mask, _val, on, off in ARM64_PTE_BITS:
+        if off is None:  # memory types: printed only when matched
+            if on in f:
+                words.append(on)
+            continue
+        on_word, off_word = on.strip(), off.strip()
+        if on_word:
+            words.append(on if on_word in f else off)
+        else:
+            words.append(off if off_word in f else on)
+    return "".join(" " + w for w in words)
+
+
+def _size_text(delta: int, units: str) -> str:
+    unit = 0
+    while not delta & 1023 and unit + 1 < len(units):
+        delta >>= 10
+        unit += 1
+    return f"{delta:9d}{units[unit]}"
+
+
+def format_line(run: DumpRun, arch: str) -> str:
+    """One line exactly as the kernel prints it (without the newline)."""
+    span = (run.end - run.va) % _U64
+    head = f"0x{run.va:016x}-0x{run.end:016x}   "
+    if arch == "x86_64":
+        return f"{head}{_size_text(span, 'BKMGTPE')} {_x86_prot_text(run.flags)}{run.level}"
+    if arch == "arm64":
+        return f"{head}{_size_text(span >> 10, 'KMGTPE')} {run.level}" + _arm64_prot_text(
+            run.flags)
+    raise ValueError(f"no ptdump format for arch {arch!r}")
+
+
+def format_items(items: Iterable[Item], arch: str) -> str:
+    """Text of headers, lines and skip notes, one per line."""
+    out = []
+    for it in items:
+        if isinstance(it, Header):
+            out.append(f"---[ {it.name} ]---")
+        elif isinstance(it, Skipped):
+            out.append(f"... {it.count} entr{'y' if it.count == 1 else 'ies'} skipped ... ")
+        else:
+            out.append(format_line(it, arch))
+    return "".join(line + "\n" for line in out)
+
+
+def format_runs(runs: Iterable[DumpRun], arch: str) -> str:
+    """Text of ``runs`` with a header wherever the section changes (inverse of parse())."""
+    items: list[Item] = []
+    section = None
+    for r in runs:
+        if r.section != section:
+            items.append(Header(r.section))
+            section = r.section
+        items.append(r)
+    return format_items(items, arch)
+
+
+# --- the note_page state machine ----------------------------------------------------------------
+def kernel_ranges(fmt: Format) -> list[tuple[int, int]]:
+    """VA ranges the kernel's ptdump walks for this root (x86 skips the hypervisor hole)."""
+    if fmt.arch == "x86_64":
+        half = 1 << (fmt.va_bits - 1)
+        return [(0, half), (X86_GUARD_HOLE[fmt.levels][1], _U64)]
+    return fmt.va_ranges()
+
+
+class _Codec:
+    """Run -> (ptdump depth, protection value, printed words), cached per attrs and level."""
+
+    def __init__(self, fmt: Format) -> None:
+        self.fmt = fmt
+        self._cache: dict[tuple, tuple[int, tuple[str, ...]]] = {}
+        if fmt.arch == "x86_64":
+            self.names = X86_LEVEL_NAMES
+        else:
+            lv = fmt.levels
+            self.names = ("PGD", "P4D", "PUD" if lv > 3 else "PGD", "PMD" if lv > 2 else "PGD",
+                          "PTE")
+
+    def depth(self, level: int, hole: bool) -> int:
+        if level == self.fmt.top_level and (hole or self.fmt.arch == "x86_64"):
+            return 0  # real_depth(): folded top levels report at pgd
+        return max(0, 4 - level)
+
+    def prot(self, run: Run, depth: int) -> tuple[object, tuple[str, ...]]:
+        """(comparison key, printed words): x86 compares the leaf's own protection and the
+        effective one, arm64 only the own bits (``val & pg_level[].mask``)."""
+        if run.kind is not Kind.LEAF:
+            return 0, ()
+        own = run.own if run.own is not None else run.attrs
+        ck = (run.attrs, own, run.level)
+        hit = self._cache.get(ck)
+        if hit is None:
+            try:
+                raw = self.fmt.encode(Entry(Kind.LEAF, 0, own), run.level)
+                eff_raw = self.fmt.encode(Entry(Kind.LEAF, 0, run.attrs), run.level)
+            except FormatError:  # attributes the codec cannot write back: print blank
+                hit = self._cache[ck] = (("unencodable", run.attrs, own), ())
+                return hit
+            if self.fmt.arch == "x86_64":
+                prot = raw & X86_PTE_FLAGS_MASK
+                eff = eff_raw & (_RW | _US | _NX)
+                hit = ((prot, eff), x86_flag_words(prot, depth))
+            else:
+                prot = raw & ARM64_PROT_MASK
+                hit = (prot, arm64_flag_words(prot))
+            self._cache[ck] = hit
+        return hit
+
+
+class _State:
+    def __init__(self, markers: list[Marker], names: tuple[str, ...], arch: str) -> None:
+        if not markers or markers[-1].name is not None:
+            markers = [*markers, Marker(_U64 - 1, None)]
+        self.m, self.names, self.x86 = markers, names, arch == "x86_64"
+        self.level: int | None = None
+        self.prot: object = 0
+        self.words: tuple[str, ...] = ()
+        self.start = 0
+        self.idx = 0
+        self.lines = 0
+        self.out: list[Item] = []
+
+    def _advance(self) -> None:
+        self.idx = min(self.idx + 1, len(self.m) - 1)
+        name = self.m[self.idx].name
+        if name is not None:
+            self.out.append(Header(name))
+
+    def _next_start(self) -> int:
+        return self.m[self.idx + 1].start if self.idx + 1 < len(self.m) else _U64
+
+    def note(self, addr: int, depth: int, prot: object, words: tuple[str, ...]) -> None:
+        if self.level is None:  # first entry
+            self.prot, self.words, self.level = prot, words, depth
+            if not self.x86:
+                self.start = addr
+            self.out.append(Header(self.m[self.idx].name or ""))
+        elif prot != self.prot or depth != self.level or addr >= self._next_start():
+            mk = self.m[self.idx]
+            crossed = addr >= self._next_start()
+            if not self.x86 or not mk.max_lines or self.lines < mk.max_lines:
+                self.out.append(DumpRun(self.start, addr, self.words, self.names[self.level],
+                                        mk.name or ""))
+            self.lines += 1
+            if crossed:
+                if self.x86 and mk.max_lines and self.lines > mk.max_lines:
+                    self.out.append(Skipped(self.lines - mk.max_lines))
+                self.lines = 0
+                self._advance()
+            self.start, self.prot, self.words, self.level = addr, prot, words, depth
+        if not self.x86 and addr >= self._next_start():
+            self._advance()
+
+
+def note_runs(runs: Iterable[Run], fmt: Format,
+              markers: list[Marker] | None = None) -> list[Item]:
+    """Replay the kernel's note_page() over walker runs (sorted; ``include_holes=True`` runs
+    give the exact output, gaps are treated as pgd-level holes)."""
+    codec = _Codec(fmt)
+    st = _State(markers if markers is not None else default_markers(fmt), codec.names, fmt.arch)
+    ranges = kernel_ranges(fmt)
+    top_size = fmt.entry_size(fmt.top_level)
+    ri = 0
+    cursor = ranges[0][0] if ranges else 0
+
+    def event_run(va: int, end: int, depth: int, prot: object, words: tuple[str, ...],
+                  esize: int) -> None:
+        # note_page() at va, then at each entry boundary where the next marker can trigger
+        addr = va
+        st.note(addr, depth, prot, words)
+        while True:
+            m = st._next_start()
+            nxt = max(m, addr + esize)
+            nxt = addr + -(-(nxt - addr) // esize) * esize
+            if nxt >= end:
+                return
+            addr = nxt
+            st.note(addr, depth, prot, words)
+
+    for run in runs:
+        for k in range(ri, len(ranges)):
+            rs, re_ = ranges[k]
+            s, e = max(run.va, rs), min(run.end, re_)
+            if s >= e:
+                continue
+            if k != ri:
+                ri, cursor = k, rs
+            if s > cursor:  # a gap in the runs: a hole at pgd level
+                event_run(cursor, s, 0, 0, (), top_size)
+            hole = run.kind is not Kind.LEAF
+            depth = codec.depth(run.level, hole)
+            prot, words = codec.prot(run, depth)
+            event_run(s, e, depth, prot, words, run.page_size)
+            cursor = e
+    if st.level is not None:  # the final flush: note_page(st, 0, -1, 0)
+        if ri == len(ranges) - 1 and cursor < ranges[-1][1]:
+            event_run(cursor, ranges[-1][1], 0, 0, (), top_size)
+        st.note(0, -1, 0, ())
+    return st.out
+
+
+def render(runs: Iterable[Run], fmt: Format, markers: list[Marker] | None = None) -> str:
+    """The kernel's ptdump text for ``runs`` (see :func:`note_runs`)."""
+    return format_items(note_runs(runs, fmt, markers), fmt.arch)
+
+
+def dump(fmt: Format, mem, root: int, markers: list[Marker] | None = None,
+         **walker_kw: object) -> str:
+    """Walk ``root`` and render it as /sys/kernel/debug/page_tables/kernel (x86) or
+    kernel_page_tables (arm64) would print it."""
+    walker = Walker(fmt, mem, root, include_holes=True, include_nonpresent=True,
+                    own_attrs=True, **walker_kw)  # type: ignore[arg-type]
+    return render(walker.runs(), fmt, markers)

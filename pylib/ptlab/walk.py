@@ -1,0 +1,587 @@
+"""The one walker: translate a VA with a full trace, iterate leaf runs over a VA range.
+
+Works on any :class:`~ptlab.memory.PhysMemory` and any :class:`~ptlab.formats.Format`.
+:meth:`Walker.runs` is what ptdump prints (mm/ptdump.c, arch/x86/mm/dump_pagetables.c): it
+reads whole tables, classifies them with the format's vectorised helpers (kinds, attr keys;
+leaf contiguity from the raw entries, checked with ``oas`` at run ends) and decodes only the
+first entry of each run, once per distinct attr key. Consecutive table entries of one table with
+equal attributes are walked as one batch: their child tables are concatenated into one
+VA-contiguous array (up to 512 tables), so a linear map of 512 pte tables is scanned in one
+numpy pass and an open run carries across table boundaries.
+
+Garbage never hangs or crashes the walk: a table entry pointing to a table already on its walk
+path (itself, an ancestor, a sibling of its parent) is a cycle; a table outside memory, a read
+error, a malformed entry (``Format.anomalies``) and an exhausted table budget are recorded as
+:class:`Anomaly` values and the walk goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .formats.base import Attrs, Entry, Format, Kind, combine
+from .memory.base import MemoryError_, PhysMemory
+
+__all__ = [
+    "HOLE_ATTRS", "Anomaly", "Run", "Step", "Trace", "Walker", "level_name", "translate",
+    "walk_runs",
+]
+
+HOLE_ATTRS = Attrs(present=False)  # attrs of a hole run (no entry at all)
+DEFAULT_MAX_TABLES = 1 << 18  # 1 GiB of 4K tables: far more than any real kernel holds
+_CHUNK = 512  # tables scanned in one numpy pass (bounds the temporary array: 2 MiB of 4K tables)
+
+_U64 = (1 << 64) - 1
+_EMPTY, _TABLE, _LEAF = int(Kind.EMPTY), int(Kind.TABLE), int(Kind.LEAF)
+_GENERIC_NAMES = {
+    1: ("pgd",),
+    2: ("pte", "pgd"),
+    3: ("pte", "pmd", "pgd"),
+    4: ("pte", "pmd", "pud", "pgd"),
+    5: ("pte", "pmd", "pud", "p4d", "pgd"),
+}
+
+
+def level_name(fmt: Format, level: int) -> str:
+    """The kernel's name of ``level`` in ``fmt`` (pte, pmd, pud, p4d, pgd)."""
+    named = getattr(fmt, "level_name", None)
+    if named is not None:
+        return named(level)
+    names = _GENERIC_NAMES.get(fmt.levels)
+    return names[level] if names and 0 <= level < len(names) else f"level{level}"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One level of a translation: the entry read at ``entry_pa`` of the table at ``table_pa``."""
+
+    level: int
+    table_pa: int
+    index: int
+    entry_pa: int
+    raw: int
+    entry: Entry
+
+
+@dataclass(slots=True)
+class Trace:
+    """Result of :func:`translate`.
+
+    ``fault`` is None when ``va`` is mapped by a present leaf; otherwise it says why not
+    ("not present at pmd", "non-canonical", "cycle at pud", "table outside memory at pmd",
+    "not present" for a non-present leaf, whose ``pa``/``attrs`` are still filled in).
+    ``notes`` holds the format's anomaly reasons for entries on the path.
+    """
+
+    va: int
+    steps: list[Step]
+    pa: int | None = None
+    page_size: int | None = None
+    level: int | None = None
+    attrs: Attrs | None = None  # effective: combine() of the table path and the leaf
+    fault: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mapped(self) -> bool:
+        return self.fault is None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A VA range of leaves with equal effective attrs and page size, contiguous in PA.
+
+    With ``Walker(include_holes=True)`` a run may also be a hole: ``kind`` EMPTY, ``level`` the
+    level of the empty entries, ``page_size`` their entry size, ``pa`` 0, ``attrs`` HOLE_ATTRS.
+    With ``Walker(own_attrs=True)`` runs also split where the leaves' own attrs differ (a table
+    entry's restriction can make them differ from the effective ``attrs``) and ``own`` holds them.
+    """
+
+    va: int
+    size: int
+    pa: int
+    page_size: int
+    level: int
+    attrs: Attrs
+    count: int
+    kind: Kind = Kind.LEAF
+    own: Attrs | None = None  # the leaves' own attrs (Walker(own_attrs=True) only)
+
+    @property
+    def end(self) -> int:
+        return self.va + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """A malformed or unusable entry met by the walk (``reason`` says which and why)."""
+
+    va: int
+    level: int
+    entry_pa: int
+    raw: int
+    reason: str
+
+
+_RUN_SET = tuple(getattr(Run, f).__set__ for f in
+                 ("va", "size", "pa", "page_size", "level", "attrs", "count", "kind", "own"))
+
+
+def _make_run(va: int, size: int, pa: int, page_size: int, level: int, attrs: Attrs,
+              count: int, kind: Kind, own: Attrs | None, _new=object.__new__,
+              _s=_RUN_SET) -> Run:
+    """Run(...) without the frozen dataclass __init__ (about twice as fast; hot path)."""
+    r = _new(Run)
+    _s[0](r, va)
+    _s[1](r, size)
+    _s[2](r, pa)
+    _s[3](r, page_size)
+    _s[4](r, level)
+    _s[5](r, attrs)
+    _s[6](r, count)
+    _s[7](r, kind)
+    _s[8](r, own)
+    return r
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} {value:#x} is outside {lo:#x}..{hi:#x}")
+    return value
+
+
+def _low(fmt: Format, va: int) -> int:
+    return va & (fmt.va_span - 1)
+
+
+def translate(fmt: Format, mem: PhysMemory, root: int, va: int) -> Trace:
+    """Walk ``va`` from the root table at ``root``, recording the entry read at every level."""
+    va = _check_int("va", va, 0, _U64)
+    root = _check_int("root", root, 0, _U64)
+    trace = Trace(va=va, steps=[])
+    if not fmt.covers(va):
+        trace.fault = "non-canonical" if fmt.arch == "x86_64" else "outside this root's VA range"
+        return trace
+    low = _low(fmt, va)
+    table_pa, path, seen = root, [], {root}
+    for level in range(fmt.top_level, -1, -1):
+        name = level_name(fmt, level)
+        n = fmt.entries(level)
+        index = fmt.index(low, level)
+        entry_pa = table_pa + index * 8
+        if not mem.contains(table_pa, n * 8):
+            trace.fault = f"table outside memory at {name}"
+            return trace
+        try:
+            raw = mem.read_u64(entry_pa)
+        except MemoryError_ as exc:
+            trace.fault = f"table outside memory at {name} ({exc})"
+            return trace
+        entry = fmt.decode(raw, level)
+        trace.steps.append(Step(level, table_pa, index, entry_pa, raw, entry))
+        trace.notes.extend(f"{name}: {r}" for r in fmt.anomalies(raw, level))
+        if entry.kind is Kind.EMPTY:
+            trace.fault = f"not present at {name}"
+            return trace
+        if entry.kind is Kind.TABLE:
+            if level == 0:
+                trace.fault = f"table entry at {name}"
+                return trace
+            if not entry.attrs.present:
+                trace.fault = f"not present at {name}"
+                return trace
+            if entry.oa in seen:
+                trace.fault = f"cycle at {name}"
+                return trace
+            if not mem.contains(entry.oa, fmt.entries(level - 1) * 8):
+                trace.fault = f"table outside memory at {level_name(fmt, level - 1)}"
+                return trace
+            path.append(entry.attrs)
+            seen.add(entry.oa)
+            table_pa = entry.oa
+            continue
+        size = fmt.entry_size(level)
+        trace.pa = entry.oa + (low & (size - 1))
+        trace.page_size, trace.level = size, level
+        trace.attrs = combine(path, entry.attrs)
+        if not entry.attrs.present:
+            trace.fault = "not present"
+        return trace
+    trace.fault = "no leaf below the last level"  # unreachable for well-formed formats
+    return trace
+
+
+class Walker:
+    """Leaf-run iteration over one root (see the module docstring).
+
+    ``ignore_ad`` coalesces leaves differing only in accessed/dirty (``Format.ad_mask``); the
+    run then reports its first leaf's attrs. ``include_nonpresent`` yields non-present leaves
+    (``attrs.present`` False, e.g. an L1TF-inverted secretmem pte) as runs too.
+    ``include_holes`` also yields runs for empty entries (kind EMPTY, at the level where the
+    walk found them) and for entries it could not follow, so that runs cover the VA range with
+    no gaps, as ptdump's note_page sees it. ``check_oa`` reports leaves whose output range
+    memory does not hold (off by default: device memory is mapped legitimately).
+    ``max_tables`` bounds the number of tables read (last line of defence against garbage).
+    """
+
+    def __init__(
+        self,
+        fmt: Format,
+        mem: PhysMemory,
+        root: int,
+        *,
+        ignore_ad: bool = False,
+        include_nonpresent: bool = False,
+        include_holes: bool = False,
+        check_oa: bool = False,
+        own_attrs: bool = False,
+        max_tables: int = DEFAULT_MAX_TABLES,
+    ) -> None:
+        self.fmt, self.mem = fmt, mem
+        self.root = _check_int("root", root, 0, _U64)
+        self.ignore_ad = ignore_ad
+        self.include_nonpresent = include_nonpresent
+        self.include_holes = include_holes
+        self.check_oa = check_oa
+        self.own_attrs = own_attrs
+        self.max_tables = _check_int("max_tables", max_tables, 1, 1 << 40)
+        self.anomalies: list[Anomaly] = []
+        self.tables_visited = 0
+        self._ad = np.uint64(fmt.ad_mask() if ignore_ad else 0)
+        self._out: list[Run] = []
+        # [va, pa, size, page_size, level, attrs, count, kind, key, own]
+        self._open: list | None = None
+        self._offset = 0  # canonical VA - low VA in the current range
+        self._budget_noted = False
+        self._clean_keys: set[tuple[int, int]] = set()  # (level, attr key) without anomalies
+        self._interned: dict[object, int] = {}  # run comparison key -> small int
+
+    # --- public -------------------------------------------------------------------------------
+    def runs(self, start: int | None = None, end: int | None = None) -> Iterator[Run]:
+        """Runs in [start, end) (default: every range of ``fmt.va_ranges()``), in VA order.
+
+        The walk happens when runs() is called (the iterator is over a finished list), so
+        ``anomalies`` and ``tables_visited`` describe it as soon as runs() returns; they are
+        reset per call. Runs are clipped to [start, end) (``count`` = entries touched).
+        """
+        start = 0 if start is None else _check_int("start", start, 0, _U64)
+        end = 1 << 64 if end is None else _check_int("end", end, 0, 1 << 64)
+        if start >= end:
+            raise ValueError(f"empty VA range [{start:#x}, {end:#x})")
+        self.anomalies, self.tables_visited, self._budget_noted = [], 0, False
+        self._out, self._open = [], None
+        for rs, re_ in self.fmt.va_ranges():
+            s, e = max(rs, start), min(re_, end)
+            if s >= e:
+                continue
+            lo = _low(self.fmt, s)
+            self._offset = s - lo
+            self._walk([self.root], self.fmt.top_level, 0, lo, lo + (e - s), (), frozenset())
+            self._flush()
+        out, self._out = self._out, []
+        return iter(out)
+
+    # --- emission -----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        o = self._open
+        if o is not None:
+            self._out.append(_make_run(o[0], o[2], o[1], o[3], o[4], o[5], o[6], o[7], o[9]))
+            self._open = None
+
+    def _emit(self, low: int, size: int, pa: int, level: int, attrs: Attrs, count: int,
+              kind: Kind, key: object, lo: int, hi: int, own: Attrs | None = None) -> None:
+        """Add a segment [low, low+size) (clipped to [lo, hi)), coalescing with the open run."""
+        page_size = self.fmt.entry_size(level)
+        if low < lo or low + size > hi:
+            if low < lo:
+                cut = lo - low
+                low, size = lo, size - cut
+                pa = pa + cut if kind is Kind.LEAF else 0
+            size = min(size, hi - low)
+            first, last = low // page_size, (low + size - 1) // page_size
+            count = last - first + 1  # entries touched by the clipped range
+        va = low + self._offset
+        o = self._open
+        if (o is not None and o[0] + o[2] == va and o[4] == level and o[7] is kind
+                and (kind is not Kind.LEAF or o[1] + o[2] == pa) and o[8] == key):
+            o[2] += size
+            o[6] += count
+            return
+        self._flush()
+        self._open = [va, pa, size, page_size, level, attrs, count, kind, key, own]
+
+    def _hole(self, low: int, count: int, level: int, lo: int, hi: int) -> None:
+        if self.include_holes:
+            size = count * self.fmt.entry_size(level)
+            self._emit(low, size, 0, level, HOLE_ATTRS, count, Kind.EMPTY, None, lo, hi)
+        else:
+            self._flush()
+
+    def _anomaly(self, low: int, level: int, entry_pa: int, raw: int, reason: str) -> None:
+        self.anomalies.append(Anomaly(low + self._offset, level, entry_pa, int(raw), reason))
+
+    # --- walk ---------------------------------------------------------------------------------
+    def _walk(self, pas: list[int], level: int, base: int, lo: int, hi: int,
+              ctx: tuple[Attrs, ...], ancestors: frozenset[int]) -> None:
+        """Walk the VA-consecutive tables ``pas`` at ``level``; the first starts at low VA
+        ``base``. Only the part overlapping [lo, hi) is scanned, at most _CHUNK tables at once."""
+        fmt = self.fmt
+        n = fmt.entries(level)
+        tspan = n * fmt.entry_size(level)
+        # Skip tables entirely outside [lo, hi).
+        j0 = max(0, (lo - base) // tspan)
+        j1 = min(len(pas), -(-(hi - base) // tspan))
+        group: list[np.ndarray] = []
+        gstart = j0
+
+        def flush(upto: int) -> None:
+            if group:
+                self._scan(group, pas[gstart:upto], level, base + gstart * tspan, lo, hi, ctx,
+                           ancestors)
+                group.clear()
+
+        for j in range(j0, j1):
+            pa = pas[j]
+            if self.tables_visited >= self.max_tables:
+                flush(j)
+                self._note_budget(base + j * tspan, level, pa)
+                self._hole(base + j * tspan, (j1 - j) * n, level, lo, hi)
+                return
+            self.tables_visited += 1
+            try:
+                table = self.mem.read_table(pa, n)
+            except (MemoryError_, ValueError, OSError) as exc:
+                flush(j)
+                self._anomaly(base + j * tspan, level, pa, 0, f"table at {pa:#x} unreadable: {exc}")
+                self._hole(base + j * tspan, n, level, lo, hi)
+                gstart = j + 1
+                continue
+            if not group:
+                gstart = j
+            group.append(table)
+            if len(group) >= _CHUNK:
+                flush(j + 1)
+        flush(j1)
+
+    def _note_budget(self, low: int, level: int, pa: int) -> None:
+        if not self._budget_noted:
+            self._budget_noted = True
+            self._anomaly(low, level, pa, 0,
+                          f"table budget of {self.max_tables} tables exhausted: "
+                          "the rest of the walk is skipped")
+
+    def _scan(self, tables: list[np.ndarray], pas: list[int], level: int, base: int, lo: int,
+              hi: int, ctx: tuple[Attrs, ...], ancestors: frozenset[int]) -> None:
+        fmt = self.fmt
+        n = fmt.entries(level)
+        esize = fmt.entry_size(level)
+        raws_all = tables[0] if len(tables) == 1 else np.concatenate(tables)
+        i0 = max(0, (lo - base) // esize)
+        i1 = min(raws_all.size, -(-(hi - base) // esize))
+        if i0 >= i1:
+            return
+        raws = np.asarray(raws_all[i0:i1], dtype=np.uint64)
+        m = raws.size
+        kinds = np.asarray(fmt.kinds(raws, level), dtype=np.uint8)
+        keys = full_keys = np.asarray(fmt.attr_keys(raws, level), dtype=np.uint64)
+        if self._ad:
+            keys = keys & ~self._ad
+        starts, oas = self._runs_of(raws, kinds, keys, level, esize)
+        starts_l = starts.tolist()
+        ends = starts_l[1:] + [m]
+        kinds_l = kinds[starts].tolist()
+        # fmt.anomalies() checks the first entry of every run and every non-zero empty entry:
+        # within a leaf run raws step exactly by the entry size, so the run's other entries
+        # hold the same bits; table runs are checked entry by entry in _tables(). Entries made
+        # of output-address and key bits only, whose key was found clean before, are clean.
+        check = starts[kinds[starts] != _EMPTY]
+        odd = (kinds == _EMPTY) & (raws != 0)
+        if oas is not None and m > 1:  # slow path: runs joined by output address only
+            d, do = raws[1:] - raws[:-1], oas[1:] - oas[:-1]
+            odd[1:] |= (kinds[1:] == _LEAF) & (d != do) & (d != np.uint64(0) - do)
+        if odd.any():
+            check = np.union1d(check, np.flatnonzero(odd))
+        self._check(raws, check, full_keys, level, pas, i0, base, esize,
+                    oas[check] if oas is not None else None)
+        start_oas = (oas[starts] if oas is not None else fmt.oas(raws[starts], level)).tolist()
+        keys_l = full_keys[starts].tolist()
+        here = None  # tables a child may not point to: the path so far and this batch
+        cache: dict[int, tuple[Entry, Attrs, int]] = {}  # leaf key -> decoded, effective
+        offset = self._offset
+        for s, e, kind, key_raw, pa in zip(starts_l, ends, kinds_l, keys_l, start_oas,
+                                           strict=True):
+            low = base + (i0 + s) * esize
+            if kind == _LEAF:
+                hit = cache.get(key_raw)
+                if hit is None:  # equal attr keys decode to equal Attrs: decode once per key
+                    hit = cache[key_raw] = self._decode_leaf(int(raws[s]), level, ctx)
+                entry, attrs, cmp = hit
+                if entry.kind is not Kind.LEAF:  # the format's kinds() and decode() disagree
+                    gi = i0 + s
+                    self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, int(raws[s]),
+                                  f"kinds() says leaf, decode() says {entry.kind.name}")
+                    self._hole(low, e - s, level, lo, hi)
+                    continue
+                if not entry.attrs.present and not self.include_nonpresent:
+                    self._hole(low, e - s, level, lo, hi)
+                    continue
+                count = e - s
+                size = count * esize
+                if self.check_oa and entry.attrs.present and not self.mem.contains(pa, size):
+                    gi = i0 + s
+                    self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, int(raws[s]),
+                                  f"leaf output range {pa:#x}+{size:#x} outside memory")
+                if lo <= low and low + size <= hi:  # not clipped: the common case, inlined
+                    o = self._open
+                    if o is not None:
+                        if (o[8] == cmp and o[0] + o[2] == low + offset and o[1] + o[2] == pa
+                                and o[4] == level and o[7] is Kind.LEAF):
+                            o[2] += size  # extends the open run
+                            o[6] += count
+                            continue
+                        self._out.append(_make_run(o[0], o[2], o[1], o[3], o[4], o[5], o[6],
+                                                   o[7], o[9]))
+                    self._open = [low + offset, pa, size, esize, level, attrs, count,
+                                  Kind.LEAF, cmp, entry.attrs if self.own_attrs else None]
+                    continue
+                self._emit(low, size, pa, level, attrs, count, Kind.LEAF, cmp, lo, hi,
+                           entry.attrs if self.own_attrs else None)
+            elif kind == _EMPTY:
+                self._hole(low, e - s, level, lo, hi)
+            else:
+                if here is None:
+                    here = ancestors | frozenset(pas)
+                self._tables(raws, s, e, level, low, esize, ctx, here, pas, lo, hi, i0, base,
+                             full_keys)
+
+    def _runs_of(self, raws: np.ndarray, kinds: np.ndarray, keys: np.ndarray, level: int,
+                 esize: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """First index of each run of one table batch: equal kind, and for tables equal keys,
+        for leaves equal keys and output addresses stepping by ``esize``.
+
+        Fast path: leaf contiguity is read from the raw entries (a step of +-esize, the L1TF
+        inverted ones stepping down), then verified with ``fmt.oas`` at run ends and at
+        equal-key leaf boundaries only; if that finds a mismatch (an output address that is not
+        one linear field, garbage), the output addresses of the whole batch decide. Returns
+        the starts and, when computed, the batch's output addresses."""
+        m = raws.size
+        fmt = self.fmt
+        brk = np.ones(m, dtype=bool)
+        if m == 1:
+            return np.zeros(1, dtype=np.intp), None
+        k1, k0 = kinds[1:], kinds[:-1]
+        eqkey = keys[1:] == keys[:-1]
+        d = raws[1:] - raws[:-1]
+        step = (d == np.uint64(esize)) | (d == np.uint64((1 << 64) - esize))
+        leaf = k1 == _LEAF
+        brk[1:] = ~((k1 == k0) & ((k1 == _EMPTY) | (eqkey & ((k1 == _TABLE) | step))))
+        starts = np.flatnonzero(brk)
+        ends = np.append(starts[1:], m)
+        long = np.flatnonzero((kinds[starts] == _LEAF) & (ends - starts > 1))
+        ok = True
+        if long.size:
+            first = fmt.oas(raws[starts[long]], level)
+            last = fmt.oas(raws[ends[long] - 1], level)
+            want = (ends[long] - starts[long] - 1).astype(np.uint64) * np.uint64(esize)
+            ok = bool(np.array_equal(last - first, want))
+        if ok:  # equal-key leaf neighbours split by the raw test must really be discontiguous
+            p = np.flatnonzero(brk[1:] & leaf & (k0 == _LEAF) & eqkey & ~step)
+            if p.size:
+                ok = not np.any(fmt.oas(raws[p + 1], level)
+                                == fmt.oas(raws[p], level) + np.uint64(esize))
+        if ok:
+            return starts, None
+        oas = np.asarray(fmt.oas(raws, level), dtype=np.uint64)
+        contig = oas[1:] == oas[:-1] + np.uint64(esize)
+        brk[1:] = ~((k1 == k0) & ((k1 == _EMPTY) | (eqkey & ((k1 == _TABLE) | contig))))
+        return np.flatnonzero(brk), oas
+
+    def _check(self, raws: np.ndarray, idx: np.ndarray, keys: np.ndarray, level: int,
+               pas: list[int], i0: int, base: int, esize: int,
+               oas: np.ndarray | None = None) -> None:
+        """Record fmt.anomalies() of the entries at ``idx`` (indices into ``raws``)."""
+        if not idx.size:
+            return
+        fmt = self.fmt
+        n = fmt.entries(level)
+        sel = raws[idx]
+        sel_oas = oas if oas is not None else fmt.oas(sel, level)
+        sel_keys = keys[idx]
+        plain = (sel == (sel_oas | sel_keys)).tolist()
+        known = self._clean_keys
+        for i, raw, key, is_plain in zip(idx.tolist(), sel.tolist(), sel_keys.tolist(), plain,
+                                         strict=True):
+            if is_plain and (level, key) in known:
+                continue
+            reasons = fmt.anomalies(raw, level)
+            if not reasons:
+                if is_plain:
+                    known.add((level, key))
+                continue
+            gi = i0 + i
+            entry_pa = pas[gi // n] + (gi % n) * 8
+            for reason in reasons:
+                self._anomaly(base + gi * esize, level, entry_pa, raw, reason)
+
+    def _decode_leaf(self, raw: int, level: int,
+                     ctx: tuple[Attrs, ...]) -> tuple[Entry, Attrs, int]:
+        """(entry, effective attrs, comparison id) of a leaf reached through ``ctx``; equal
+        ids <=> runs may coalesce (equal effective attrs, and own attrs with own_attrs)."""
+        entry = self.fmt.decode(raw, level)
+        attrs = combine(ctx, entry.attrs) if ctx else entry.attrs
+        cmp: object = attrs.with_(accessed=False, dirty=False) if self.ignore_ad else attrs
+        if self.own_attrs:
+            own = entry.attrs
+            cmp = (cmp, own.with_(accessed=False, dirty=False) if self.ignore_ad else own)
+        return entry, attrs, self._interned.setdefault(cmp, len(self._interned))
+
+    def _tables(self, raws: np.ndarray, s: int, e: int, level: int, low: int, esize: int,
+                ctx: tuple[Attrs, ...], here: frozenset[int], pas: list[int], lo: int, hi: int,
+                i0: int, base: int, keys: np.ndarray) -> None:
+        fmt = self.fmt
+        n = fmt.entries(level)
+        children = np.asarray(fmt.oas(raws[s:e], level), dtype=np.uint64)
+        # entries whose bits beyond the table address differ from the first's: check each
+        rest = raws[s:e] - children
+        odd = np.flatnonzero(rest[1:] != rest[0]) + (s + 1)
+        self._check(raws, odd, keys, level, pas, i0, base, esize, children[odd - s])
+        entry = fmt.decode(int(raws[s]), level)
+        if level == 0 or entry.kind is not Kind.TABLE or not entry.attrs.present:
+            # fmt.anomalies() has said why (non-present table entry, table bit at pte level).
+            self._hole(low, e - s, level, lo, hi)
+            return
+        child_n = fmt.entries(level - 1) * 8
+        child_ctx = (*ctx, entry.attrs)
+        cycle = np.isin(children, np.fromiter(here, dtype=np.uint64, count=len(here)))
+        away = [c for c in np.unique(children[~cycle]).tolist()
+                if not self.mem.contains(c, child_n)]
+        outside = np.isin(children, np.array(away, dtype=np.uint64))
+        bad = np.flatnonzero(cycle | outside).tolist()
+        prev = 0
+        for b in [*bad, e - s]:
+            if b > prev:  # children prev..b-1 are followed as one batch
+                self._walk(children[prev:b].tolist(), level - 1, low + prev * esize, lo, hi,
+                           child_ctx, here)
+            if b == e - s:
+                break
+            gi = i0 + s + b
+            child = int(children[b])
+            what = "is already on the walk path (cycle)" if cycle[b] else "is outside memory"
+            self._anomaly(low + b * esize, level, pas[gi // n] + (gi % n) * 8,
+                          int(raws[s + b]), f"table at {child:#x} {what}: not followed")
+            self._hole(low + b * esize, 1, level, lo, hi)
+            prev = b + 1
+
+
+def walk_runs(fmt: Format, mem: PhysMemory, root: int, start: int | None = None,
+              end: int | None = None, **kw: object) -> tuple[list[Run], list[Anomaly]]:
+    """All runs of ``root`` in [start, end) and the anomalies met (see :class:`Walker`)."""
+    walker = Walker(fmt, mem, root, **kw)  # type: ignore[arg-type]
+    runs = list(walker.runs(start, end))
+    return runs, walker.anomalies

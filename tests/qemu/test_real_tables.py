@@ -1,0 +1,437 @@
+"""Real kernel page tables, walked by ptlab, checked against witnesses ptlab did not write.
+
+One test class per guest profile (TestX86_64, TestX86_64La57, TestX86_64Pti, TestArm64,
+TestArm64Kpti; ``--dist loadscope`` keeps each on one xdist worker). Its guest boots once, on
+the first check that needs it, and is stopped with QEMU's debug translation in the kernel's
+regime; the whole kernel half of the kernel root is walked with ptlab's walker over the live
+shared RAM. Then:
+
+* x86 (4-level, and LA57 and PTI as well): the walk's leaves equal QEMU's ``info tlb``
+  (target/i386/monitor.c). Both are expanded to one record per leaf page ``(VA, PA & QEMU's
+  PA mask, page size, the 9 flags X G P D A C T U W)``, accessed and dirty blanked on both
+  sides, and compared leaf by leaf; then both are coalesced the same way (VA- and
+  PA-contiguous, same size and flags) and the run lists must be equal. The walker's flags are
+  its effective attributes; QEMU prints the leaf's own bits (equal in the kernel half, whose
+  table entries restrict nothing).
+* every profile: 10,000 random VAs the walk maps and 1,000 it does not agree with HMP
+  ``gva2gpa`` (QEMU's own walk in the vCPU's current regime).
+* the direct map covers every System RAM range the guest reports (/proc/iomem via ptagent),
+  at VA = base + (pa - phys_offset) derived from kallsyms / VMCOREINFO, never from the walk.
+* x86 PTI: the user PGD (kernel PGD + 4 KiB) maps the entry text (same PA as the kernel PGD)
+  and not linux_banner; stopped in user mode, QEMU's ``info tlb`` of the live user PGD equals
+  the walk of that kernel half and gva2gpa agrees.
+* arm64 KPTI: the trampoline table (swapper_pg_dir - 2 pages, tramp_pg_dir in vmlinux.lds.S)
+  maps only the trampoline text, at the swapper's PAs; stopped at EL0 (TTBR1_EL1 = the
+  trampoline), gva2gpa agrees with its walk.
+* secretmem: after ``ptagent secretmem 16`` the 16 PFNs' direct-map entries are not present
+  (x86: the raw pte holds the inverted PFN and decode gives the PFN back; QEMU says Unmapped),
+  while the holder process's user mappings are present at those PFNs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from ptharness import oracle, scenarios
+from ptharness.scenarios import DirectMap, KernelWalk, RunIndex
+from ptlab.walk import translate
+
+pytestmark = pytest.mark.qemu
+
+PROFILES = ["x86_64", "x86_64-la57", "x86_64-pti", "arm64", "arm64-kpti"]
+N_MAPPED, N_UNMAPPED = 10_000, 1_000
+SECRET_PAGES = 16
+PAGE = 4096
+SYMBOLS = ("page_offset_base", "__entry_text_start", "__entry_text_end", "linux_banner", "_stext")
+X86_PFN_MASK = 0x000F_FFFF_FFFF_F000  # arch/x86: PTE_PFN_MASK with __PHYSICAL_MASK_SHIFT 52
+ARM64_OA_MASK = 0x0000_FFFF_FFFF_F000  # 4K granule, 48-bit OA
+
+
+def report(name: str, value: float, unit: str) -> None:
+    print(f"{name}: {value:.4g} {unit}", file=sys.stderr)
+
+
+class State:
+    """One booted guest of a profile and what the checks share."""
+
+    def __init__(self, profile: str, g: Any) -> None:
+        self.profile = profile
+        self.g = g
+        self.arch = g.profile.arch
+        self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+        self.kernel_root: int = 0
+        self.fmt: Any = None
+        self.walk: KernelWalk | None = None
+        self.index: RunIndex | None = None
+        self.syms: dict[str, int] = {}
+        self.fresh = False  # the walk is of the current stop, taken in the kernel regime
+
+    def stop_in_kernel(self) -> dict[str, int]:
+        """Stop with QEMU's debug translation on the kernel tables (see in_kernel_regime)."""
+        root = self.kernel_root or self.g.kernel_root()
+        return scenarios.stop_where(
+            self.g, lambda r: scenarios.in_kernel_regime(self.g, r, root), rng=self.rng
+        )
+
+    def rewalk(self) -> KernelWalk:
+        self.walk = scenarios.walk_kernel(self.fmt, self.g.memory, self.kernel_root)
+        self.index = RunIndex(self.walk.runs)
+        self.fresh = True
+        return self.walk
+
+    def resume(self) -> None:
+        """Let the guest run (the walk is then out of date)."""
+        self.fresh = False
+        if self.g.running is False:
+            self.g.cont()
+
+
+@pytest.fixture
+def profile(request: pytest.FixtureRequest) -> str:
+    return str(request.cls.profile)
+
+
+@pytest.fixture(scope="session")
+def guests():
+    """Guests booted by this process, by profile (a State, or the exception its boot raised),
+    closed at the end of the session: checks of one profile share one boot whatever order
+    pytest(-xdist) runs them in."""
+    pool: dict[str, State | BaseException] = {}
+    yield pool
+    for st in pool.values():
+        if isinstance(st, State):
+            st.g.close()
+
+
+def boot(profile: str) -> State:
+    from ptharness.guest import Guest
+
+    g = Guest(profile)
+    g.start()
+    try:
+        st = State(profile, g)
+        st.syms = scenarios.kallsyms(g, SYMBOLS)
+        st.kernel_root = g.kernel_root()
+        st.fmt = g.kernel_format()
+        st.stop_in_kernel()
+        st.rewalk()
+    except BaseException:
+        g.close()
+        raise
+    report(f"walk_kernel_s[{profile}]", st.walk.seconds, "s")
+    return st
+
+
+@pytest.fixture(scope="class", autouse=True)
+def release_guest(request: pytest.FixtureRequest, guests: dict[str, State | BaseException]):
+    """Close a profile's guest when its class is done (the pool keeps it across classes only
+    if pytest interleaves them)."""
+    yield
+    done = guests.pop(str(request.cls.profile), None) if request.cls else None
+    if isinstance(done, State):
+        done.g.close()
+
+
+@pytest.fixture
+def state(profile: str, guests: dict[str, State | BaseException]) -> Iterator[State]:
+    st = guests.get(profile)
+    if st is None:
+        try:
+            st = guests[profile] = boot(profile)
+        except Exception as e:
+            guests[profile] = e
+            raise
+    if isinstance(st, BaseException):
+        pytest.fail(f"{profile} guest failed earlier: {st}", pytrace=False)
+    if not st.g.alive:
+        pytest.fail(f"{profile} guest is gone: {st.g.console_tail(10)}", pytrace=False)
+    yield st
+    if st.g.alive and st.g.running:  # a guest waiting for its next check costs no CPU
+        st.g.stop()
+        st.fresh = False
+
+
+def stopped_in_kernel(st: State) -> None:
+    """Make sure the guest is stopped in the kernel regime and the walk is of this stop."""
+    if st.fresh and not st.g.running:
+        return
+    st.resume()
+    st.stop_in_kernel()
+    st.rewalk()
+
+
+# --- the walk itself -----------------------------------------------------------------------------
+# --- x86: info tlb -------------------------------------------------------------------------------
+def compare_with_info_tlb(st: State, runs: list[Any], start: int, end: int) -> tuple[int, float]:
+    lines, secs = oracle.info_tlb(st.g.hmp)
+    q = oracle.qemu_leaves(lines, start, end)
+    w = oracle.walker_leaves(runs, start, end)
+    diff = oracle.compare_leaves(w, q)
+    assert diff.equal, diff.summary()
+    assert oracle.coalesce(w) == oracle.coalesce(q)
+    return len(q), secs
+
+
+# --- gva2gpa -------------------------------------------------------------------------------------
+def check_gva2gpa(st: State, index: RunIndex, root: int, lo: int, hi: int, n_mapped: int,
+                  n_unmapped: int, extra_unmapped: tuple[int, ...] = ()) -> oracle.Gva2gpaBatch:
+    """Random VAs mapped / unmapped in ``index`` (the walk of ``root``) against gva2gpa."""
+    mapped = scenarios.sample_mapped(index.runs, n_mapped, st.rng)
+    unmapped = scenarios.sample_unmapped(index, lo, hi, n_unmapped, st.rng) + list(extra_unmapped)
+    vas = mapped + unmapped
+    expected = [index.pa(va) for va in vas]
+    assert all(e is not None for e in expected[:n_mapped])
+    assert all(e is None for e in expected[n_mapped:])
+    batch = oracle.gva2gpa_many(st.g.hmp, vas)
+    bad = oracle.disagreements(expected, batch)
+    if bad:
+        detail = []
+        for d in bad[:8]:
+            t = translate(st.fmt, st.g.memory, root, d.va)
+            steps = " ".join(f"L{s.level}@{s.entry_pa:#x}={s.raw:#018x}" for s in t.steps)
+            detail.append(f"{d} [{t.fault or 'mapped'}] {steps}")
+        pytest.fail(f"{len(bad)} of {len(vas)} VAs disagree with gva2gpa:\n" + "\n".join(detail))
+    return batch
+
+
+# --- direct map ----------------------------------------------------------------------------------
+# --- KPTI ----------------------------------------------------------------------------------------
+# --- secretmem -----------------------------------------------------------------------------------
+def secret_pages(reply: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(PFNs, user VAs) from a ``ptagent secretmem`` reply."""
+    pfns = [scenarios._int(p) for p in reply["pfns"]]
+    if "vas" in reply:
+        vas = [scenarios._int(v) for v in reply["vas"]]
+    else:
+        base = scenarios._int(reply.get("va", reply.get("addr")))
+        vas = [base + i * PAGE for i in range(len(pfns))]
+    return pfns, vas
+
+
+def user_format(st: State) -> Any:
+    if st.arch == "x86_64":
+        return st.fmt
+    from ptlab.formats.arm64 import Arm64
+
+    tcr = st.g.registers()["tcr_el1"]
+    return Arm64(st.fmt.granule, 64 - (tcr & 0x3F), upper=False)
+
+
+class ProfileChecks:
+    """Every check of one guest profile; one subclass per profile (below), so that
+    ``--dist loadscope`` keeps a profile on one xdist worker."""
+
+    profile: str
+
+    def test_kernel_walk_is_clean(self, state: State):
+        w = state.walk
+        assert w is not None and w.runs, "the kernel half maps nothing"
+        bad = [f"{a.va:#x} L{a.level} {a.raw:#x}: {a.reason}" for a in w.anomalies[:10]]
+        assert not w.anomalies, bad
+        lo, hi = scenarios.kernel_half(state.fmt)
+        assert all(lo <= r.va and r.end <= hi for r in w.runs)
+        assert all(r.attrs.present for r in w.runs)
+
+    def test_info_tlb_equals_walk(self, profile: str, request: pytest.FixtureRequest):
+        if not profile.startswith("x86_64"):
+            pytest.skip("QEMU has info tlb only for x86")
+        state: State = request.getfixturevalue("state")
+        stopped_in_kernel(state)
+        regs = state.g.registers()
+        assert not scenarios.in_user_regime(state.g, regs, state.kernel_root)
+        lo, hi = scenarios.kernel_half(state.fmt)
+        n, secs = compare_with_info_tlb(state, state.walk.runs, lo, hi)
+        assert n > 10_000
+        report(f"info_tlb_s[{state.profile}]", secs, "s")
+
+    def test_gva2gpa_agrees(self, state: State):
+        stopped_in_kernel(state)
+        lo, hi = scenarios.kernel_half(state.fmt)
+        batch = check_gva2gpa(state, state.index, state.kernel_root, lo, hi, N_MAPPED, N_UNMAPPED)
+        report(f"gva2gpa_us_per_call[{state.profile}]", batch.per_call_us, "us")
+        report(f"gva2gpa_s[{state.profile}]", batch.seconds, "s")
+
+    def test_direct_map_covers_system_ram(self, state: State):
+        stopped_in_kernel(state)
+        dm: DirectMap = scenarios.direct_map(state.g, state.syms)
+        ram = scenarios.system_ram(state.g.info)
+        lo, hi = scenarios.kernel_half(state.fmt)
+        assert lo <= dm.va(ram[0][0]) < hi
+        for start, end in ram:
+            s, e = start & ~(PAGE - 1), (end + PAGE - 1) & ~(PAGE - 1)
+            gaps = state.index.gaps(dm.va(s), dm.va(e))
+            assert not gaps, (
+                f"System RAM {start:#x}-{end - 1:#x} not mapped at "
+                + ", ".join(f"{a:#x}-{b:#x}" for a, b in gaps[:5])
+            )
+            # each run over the range maps VA -> PA with the direct map's offset
+            va = dm.va(s)
+            while va < dm.va(e):
+                r = state.index.run_at(va)
+                got = r.pa + va - r.va
+                assert r.pa - r.va == s - dm.va(s), f"direct map VA {va:#x} maps PA {got:#x}"
+                va = r.end
+        # QEMU agrees at the edges of every range
+        vas = [dm.va(s) for s, _ in ram] + [dm.va(e - 1) for _, e in ram]
+        batch = oracle.gva2gpa_many(state.g.hmp, vas)
+        assert batch.gpas == [s for s, _ in ram] + [e - 1 for _, e in ram]
+
+    def test_x86_pti_user_pgd(self, profile: str, request: pytest.FixtureRequest):
+        if profile != "x86_64-pti":
+            pytest.skip("PTI profile only")
+        state: State = request.getfixturevalue("state")
+        g, fmt = state.g, state.fmt
+        stopped_in_kernel(state)
+        user_root = state.kernel_root + PAGE
+        uw = scenarios.walk_kernel(fmt, g.memory, user_root)
+        assert uw.runs and not uw.anomalies
+        uidx = RunIndex(uw.runs)
+        entry = state.syms["__entry_text_start"]
+        entry_end = state.syms["__entry_text_end"]
+        banner = state.syms["linux_banner"]
+        for va in range(entry & ~(PAGE - 1), entry_end, PAGE):
+            assert uidx.pa(va) is not None, f"entry text {va:#x} not in the user PGD"
+            assert uidx.pa(va) == state.index.pa(va), f"entry text {va:#x}: user/kernel PA differ"
+        assert uidx.pa(banner) is None, "linux_banner is mapped in the user PGD"
+        assert state.index.pa(banner) is not None
+        t = translate(fmt, g.memory, user_root, banner)
+        assert t.fault is not None
+        # the user PGD maps much less than the kernel PGD
+        assert sum(r.size for r in uw.runs) < sum(r.size for r in state.walk.runs) / 4
+        # QEMU's view of a live user PGD: stop while a user loop runs
+        state.resume()
+        with scenarios.user_spinner(g):
+            regs = scenarios.stop_where(
+                g, lambda r: scenarios.in_user_regime(g, r, state.kernel_root), rng=state.rng
+            )
+            assert regs["cr3"] & scenarios.X86_PTI_USER_BIT
+            lo, hi = scenarios.kernel_half(fmt)
+            uw = scenarios.walk_kernel(fmt, g.memory, user_root)  # this stop's tables
+            uidx = RunIndex(uw.runs)
+            # info tlb walks the live CR3: the spinner's user PGD, whose kernel half is init's
+            # user PGD's (clone_pgd_range copies both halves under PTI)
+            compare_with_info_tlb(state, uw.runs, lo, hi)
+            check_gva2gpa(state, uidx, user_root, lo, hi, 2000, N_UNMAPPED, (banner,))
+            assert oracle.gva2gpa(g.hmp, entry) == state.index.pa(entry)
+        stopped_in_kernel(state)
+
+    def test_arm64_kpti_trampoline(self, profile: str, request: pytest.FixtureRequest):
+        if profile != "arm64-kpti":
+            pytest.skip("arm64 KPTI profile only")
+        state: State = request.getfixturevalue("state")
+        g, fmt = state.g, state.fmt
+        stopped_in_kernel(state)
+        tramp = state.kernel_root - scenarios.ARM64_TRAMP_SWAPPER_OFFSET
+        tw = scenarios.walk_kernel(fmt, g.memory, tramp)
+        assert tw.runs and not tw.anomalies
+        pages = sum(r.size for r in tw.runs) // PAGE
+        assert 1 <= pages <= 3, f"trampoline maps {pages} pages (entry_tramp_text_size <= 3)"
+        for r in tw.runs:
+            assert r.attrs.exec and not r.attrs.writable and not r.attrs.user
+            for va in range(r.va, r.end, PAGE):  # the swapper's fixmap maps the same text
+                assert state.index.pa(va) == r.pa + (va - r.va)
+        tidx = RunIndex(tw.runs)
+        text = state.syms["_stext"]
+        dm = scenarios.direct_map(g, state.syms)
+        ram0 = scenarios.system_ram(g.info)[0][0]
+        assert tidx.pa(text) is None and tidx.pa(dm.va(ram0)) is None
+        state.resume()
+        with scenarios.user_spinner(g):
+            # EL1 on the trampoline table (tramp_vectors before tramp_map_kernel, or tramp_exit):
+            # at EL0 QEMU's debug walk applies EL0 permissions and every kernel VA is unmapped
+            regs = scenarios.stop_where(
+                g,
+                lambda r: scenarios.in_user_regime(g, r, state.kernel_root)
+                and scenarios.arm64_el(g) == 1,
+                tries=200,
+                rng=state.rng,
+            )
+            assert regs["ttbr1_el1"] & scenarios.ARM64_TTBR_BADDR == tramp
+            lo, hi = scenarios.kernel_half(fmt)
+            mapped = [r.va + i * PAGE for r in tw.runs for i in range(r.size // PAGE)]
+            batch = oracle.gva2gpa_many(g.hmp, mapped)
+            assert batch.gpas == [tidx.pa(va) for va in mapped]
+            check_gva2gpa(state, tidx, tramp, lo, hi, 200, N_UNMAPPED, (text, dm.va(ram0)))
+        stopped_in_kernel(state)
+
+    def test_secretmem_leaves_direct_map(self, state: State):
+        g, fmt = state.g, state.fmt
+        stopped_in_kernel(state)
+        dm = scenarios.direct_map(g, state.syms)
+        before = state.index
+        state.resume()
+        reply = g.agent("secretmem", str(SECRET_PAGES))
+        pfns, uvas = secret_pages(reply)
+        assert len(pfns) == SECRET_PAGES and len(set(pfns)) == SECRET_PAGES
+        try:
+            state.stop_in_kernel()
+            state.rewalk()
+            for pfn in pfns:
+                pa, va = pfn * PAGE, dm.va(pfn * PAGE)
+                assert before.pa(va) == pa, f"PFN {pfn:#x} was not in the direct map before"
+                t = translate(fmt, g.memory, state.kernel_root, va)
+                assert t.fault is not None and "not present" in t.fault, (va, t.fault)
+                assert state.index.pa(va) is None
+                raw = t.steps[-1].raw
+                if state.arch == "x86_64":
+                    assert t.level == 0 and raw != 0 and not raw & 1, f"{va:#x}: raw {raw:#x}"
+                    assert (~raw & X86_PFN_MASK) == pa, f"{va:#x}: raw {raw:#x} not PFN-inverted"
+                    assert t.steps[-1].entry.oa == pa and t.pa == pa
+                else:
+                    assert not raw & 1 and raw & ARM64_OA_MASK == pa, f"{va:#x}: raw {raw:#x}"
+            assert oracle.gva2gpa_many(g.hmp, [dm.va(p * PAGE) for p in pfns]).gpas == [None] * 16
+            # neighbours of a removed page stay mapped
+            for pfn in pfns:
+                for nb in (pfn - 1, pfn + 1):
+                    if nb not in pfns and before.pa(dm.va(nb * PAGE)) == nb * PAGE:
+                        assert state.index.pa(dm.va(nb * PAGE)) == nb * PAGE
+            # the holder's user mappings: its root found by scanning RAM, then translated
+            ufmt = user_format(state)
+            roots = scenarios.find_user_roots(
+                ufmt, g.memory, {va: pfn * PAGE for va, pfn in zip(uvas, pfns, strict=True)}
+            )
+            assert roots, "no page-table root maps the secretmem user VAs to their PFNs"
+            for va, pfn in zip(uvas, pfns, strict=True):
+                t = translate(ufmt, g.memory, roots[0], va)
+                assert t.mapped and t.pa == pfn * PAGE and t.attrs.user
+        finally:
+            state.resume()
+            ident = reply.get("id")
+            if ident is not None:
+                g.agent("release", str(ident))
+
+
+
+@pytest.mark.profile("x86_64")
+@pytest.mark.xdist_group("x86_64")
+class TestX86_64(ProfileChecks):
+    profile = "x86_64"
+
+
+@pytest.mark.profile("x86_64-la57")
+@pytest.mark.xdist_group("x86_64-la57")
+class TestX86_64La57(ProfileChecks):
+    profile = "x86_64-la57"
+
+
+@pytest.mark.profile("x86_64-pti")
+@pytest.mark.xdist_group("x86_64-pti")
+class TestX86_64Pti(ProfileChecks):
+    profile = "x86_64-pti"
+
+
+@pytest.mark.profile("arm64")
+@pytest.mark.xdist_group("arm64")
+class TestArm64(ProfileChecks):
+    profile = "arm64"
+
+
+@pytest.mark.profile("arm64-kpti")
+@pytest.mark.xdist_group("arm64-kpti")
+class TestArm64Kpti(ProfileChecks):
+    profile = "arm64-kpti"

@@ -1,0 +1,472 @@
+"""Engine operations: page-size choice, overlap refusal, split/collapse, protect, share,
+clone, preallocate + no-allocation, apply, all-or-nothing, accounting, leaks, gather."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ptlab.alloc import (
+    AccountingAllocator,
+    AllocError,
+    NoAllocAllocator,
+    NormalAllocator,
+    PhysPool,
+    PoolAllocator,
+)
+from ptlab.engine import EngineError, MappingExists, NotMapped, PageTable
+from ptlab.engine.leafenc import LeafEncoder
+from ptlab.formats import Attrs, Entry, Kind
+from ptlab.formats.arm64 import Arm64
+from ptlab.formats.catalog import all_configs
+from ptlab.formats.x86 import X86_64
+from ptlab.memory import SparseMemory
+from ptlab.testing import TableBuilder
+from ptlab.tlb import Gather
+from ptlab.walk import Walker, translate
+
+K, M, G = 1 << 10, 1 << 20, 1 << 30
+POOL = 1 << 40
+X86 = X86_64(4)
+ARM = Arm64(4096, 48)
+KATTRS = Attrs(writable=True, accessed=True, dirty=True)
+
+
+def fresh(fmt=X86, alloc=None, **kw):
+    mem = SparseMemory()
+    pool = PhysPool(mem, POOL, 1 << 30, fmt.table_bytes)
+    pt = PageTable(fmt, mem, alloc=alloc(pool) if alloc else NormalAllocator(pool),
+                   gather=Gather(), **kw)
+    return pt, pool
+
+
+def va0(fmt) -> int:
+    return fmt.va_ranges()[-1][0] + G  # 1 GiB-aligned kernel-half VA
+
+
+def levels(pt, va, size) -> list[int]:
+    return [lvl for _, lvl, _ in pt.leaves(va, size)]
+
+
+def runs(pt, va, size, **kw):
+    return list(Walker(pt.fmt, pt.mem, pt.root, **kw).runs(va, va + size))
+
+
+@pytest.fixture(params=[X86, ARM], ids=lambda f: f.name)
+def fmt(request):
+    return request.param
+
+
+# --- map ---------------------------------------------------------------------------------------
+def test_map_uses_largest_page_sizes(fmt) -> None:
+    pt, _ = fresh(fmt)
+    va = va0(fmt)
+    pt.map(va, 0x4000_0000, G + 2 * M + 4 * K, KATTRS)
+    assert levels(pt, va, 2 * G) == [2, 1, 0]
+    t = translate(fmt, pt.mem, pt.root, va + G + 2 * M + 0x123)
+    assert t.pa == 0x4000_0000 + G + 2 * M + 0x123 and t.level == 0
+    # PA only 2 MiB aligned: no 1 GiB leaf possible
+    pt2, _ = fresh(fmt)
+    pt2.map(va, 0x20_0000, G, KATTRS)
+    assert levels(pt2, va, G) == [1] * 512
+    # page_sizes restricts the choice
+    pt3, _ = fresh(fmt)
+    pt3.map(va, 0, 4 * M, KATTRS, page_sizes=[4 * K])
+    assert levels(pt3, va, 4 * M) == [0] * 1024
+
+
+def test_map_refuses_overlap_and_names_va(fmt) -> None:
+    pt, _ = fresh(fmt)
+    va = va0(fmt)
+    pt.map(va + 8 * K, 0, 4 * K, KATTRS)
+    snap = pt.mem.snapshot()
+    with pytest.raises(MappingExists, match=f"{va + 8 * K:#x}"):
+        pt.map(va, 0x10_0000, 2 * M, KATTRS)
+    assert pt.mem.snapshot() == snap
+    pt.map(va, 0x20_0000, 2 * M, KATTRS, replace=True)
+    assert translate(fmt, pt.mem, pt.root, va + 8 * K).pa == 0x20_0000 + 8 * K
+    assert pt.gather.stats.flushes >= 1  # the replaced present leaf was flushed
+
+
+def test_map_bad_input_is_one_clear_error() -> None:
+    pt, _ = fresh()
+    va = va0(X86)
+    for args, match in [
+        ((va + 1, 0, 4 * K, KATTRS), "aligned"),
+        ((va, 0, 0, KATTRS), "positive"),
+        ((0x0000_8000_0000_0000, 0, 4 * K, KATTRS), "VA range"),
+        ((va, 3, 4 * K, KATTRS), "PA"),
+        ((va, 0, 4 * K, "rw"), "Attrs"),
+        ((va, 0, 4 * K, KATTRS.with_(contiguous=True)), "contiguous"),
+    ]:
+        with pytest.raises(EngineError, match=match):
+            pt.map(*args)
+    with pytest.raises(EngineError, match="page size"):
+        pt.map(va, 0, 8 * K, KATTRS, page_sizes=[8 * K])
+    with pytest.raises(EngineError, match="empty"):
+        pt.map(va, 0, 8 * K, KATTRS, page_sizes=[])
+    with pytest.raises(EngineError, match="split level"):
+        pt.split(va, 0)
+    assert pt.table_count() == 1
+    pt.map(va, 0, 8 * K, KATTRS, page_sizes=iter([4 * K]))
+    assert pt.translate(va + 4 * K).pa == 4 * K and len(pt.runs()) == 1
+    pt.destroy()
+    with pytest.raises(EngineError, match="destroyed"):
+        pt.unmap(va, 4 * K)
+
+
+# --- unmap / protect / split / collapse -------------------------------------------------------
+def test_partial_unmap_of_huge_leaf_keeps_the_rest(fmt) -> None:
+    pt, pool = fresh(fmt)
+    va = va0(fmt)
+    pt.map(va, 0, G, KATTRS)
+    assert levels(pt, va, G) == [2]
+    pt.unmap(va + 2 * M + 4 * K, 4 * K)
+    lv = levels(pt, va, G)
+    assert lv.count(1) == 511 and lv.count(0) == 511
+    assert translate(fmt, pt.mem, pt.root, va + 2 * M + 4 * K).fault is not None
+    t = translate(fmt, pt.mem, pt.root, va + G - 1)
+    assert t.pa == G - 1 and t.mapped
+    assert sum(r.size for r in runs(pt, va, G)) == G - 4 * K
+    pt.unmap(va, G)
+    assert pool.allocated == 1 and pt.table_count() == 1  # emptied tables freed
+
+
+def test_protect_splits_partial_leaf_only_when_needed(fmt) -> None:
+    pt, pool = fresh(fmt)
+    va = va0(fmt)
+    pt.map(va, 0, 2 * M, KATTRS)
+    before = pool.allocated
+    pt.alloc = NoAllocAllocator()
+    pt.protect(va + 4 * K, 4 * K, set={"writable": True})  # no change: no split, no alloc
+    assert levels(pt, va, 2 * M) == [1] and pool.allocated == before
+    with pytest.raises(AllocError):
+        pt.protect(va + 4 * K, 4 * K, clear=["writable"])
+    pt.alloc = NormalAllocator(pool)
+    pt.protect(va + 4 * K, 4 * K, clear=["writable"])
+    rs = runs(pt, va, 2 * M)
+    assert [(r.va - va, r.size, r.attrs.writable) for r in rs] == [
+        (0, 4 * K, True), (4 * K, 4 * K, False), (8 * K, 2 * M - 8 * K, True)]
+    with pytest.raises(EngineError, match="unknown attribute"):
+        pt.protect(va, 4 * K, set={"writeable": True})
+    with pytest.raises(NotMapped):
+        pt.protect(va, 4 * M, clear=["writable"], strict=True)
+
+
+def test_split_then_collapse_round_trip(fmt) -> None:
+    pt, pool = fresh(fmt)
+    va = va0(fmt)
+    pt.map(va, 0, G, KATTRS)
+    pt.split(va, 2)
+    assert levels(pt, va, G) == [1] * 512
+    pt.split(va + 2 * M, 1)
+    assert levels(pt, va, 4 * M) == [1] + [0] * 512
+    n = pool.allocated
+    assert pt.collapse(va, G) == 2  # the pte table, then the pmd table
+    assert levels(pt, va, G) == [2] and pool.allocated == n - 2
+    with pytest.raises(EngineError, match="no leaf at level 1"):
+        pt.split(va, 1)
+
+
+def test_collapse_needs_equal_attrs_and_contiguous_aligned_pa(fmt) -> None:
+    pt, _ = fresh(fmt)
+    va = va0(fmt)
+    pt.map(va, 0, 2 * M, KATTRS, page_sizes=[4 * K])
+    pt.map(va + 2 * M, 0x40_0000 + 4 * K, 2 * M, KATTRS, page_sizes=[4 * K])  # misaligned PA
+    pt.map(va + 4 * M, 0x80_0000, 2 * M, KATTRS, page_sizes=[4 * K])
+    pt.protect(va + 4 * M + 8 * K, 4 * K, clear=["writable"])  # unequal attrs
+    pt.map(va + 6 * M, 0, 2 * M - 4 * K, KATTRS, page_sizes=[4 * K])  # not full
+    assert pt.collapse(va, 8 * M) == 1
+    assert levels(pt, va, 2 * M) == [1]
+    assert len(levels(pt, va + 2 * M, 6 * M)) == 3 * 512 - 1
+
+
+# --- all-or-nothing / allocators ---------------------------------------------------------------
+def test_failed_reservation_writes_nothing(fmt) -> None:
+    pt, pool = fresh(fmt)
+    va = va0(fmt)
+    pt.map(va, 0, G, KATTRS)
+    snap, refs = pt.mem.snapshot(), dict(pt.registry.refs)
+    pt.alloc = NoAllocAllocator()
+    for op in (lambda: pt.map(va + 4 * G, 0, 4 * K, KATTRS),
+               lambda: pt.unmap(va + 4 * K, 4 * K),  # needs two split tables
+               lambda: pt.protect(va, 4 * K, clear=["writable"]),
+               lambda: pt.split(va, 2)):
+        with pytest.raises(AllocError):
+            op()
+        assert pt.mem.snapshot() == snap and pt.registry.refs == refs
+        assert pt.gather.pending == [] and pool.allocated == 2
+    # a pool with one page too few: same, and the pool keeps its pages
+    pt.alloc = PoolAllocator(pool, 1)
+    with pytest.raises(AllocError):
+        pt.unmap(va + 4 * K, 4 * K)
+    assert pt.alloc.available == 1 and pt.mem.snapshot() == snap
+    pt.alloc.refill(1)
+    pt.unmap(va + 4 * K, 4 * K)
+    assert pt.alloc.available == 0
+
+
+def test_accounting_charges_tables_to_owner() -> None:
+    current = ["vm1"]
+    mem = SparseMemory()
+    pool = PhysPool(mem, POOL, 1 << 28)
+    acct = AccountingAllocator(NormalAllocator(pool), owner_fn=lambda: current[0])
+    pt = PageTable(X86, mem, alloc=acct)
+    va = va0(X86)
+    assert acct.charged("vm1") == 1  # the root
+    pt.map(va, 0, 4 * K, KATTRS)  # pud, pmd, pte tables
+    current[0] = "vm2"
+    pt.map(va + (1 << 39), 0, 4 * K, KATTRS)  # next pgd entry: pud, pmd, pte
+    assert acct.totals() == {"vm1": 4, "vm2": 3}
+    pt.unmap(va, 4 * K)
+    assert acct.totals() == {"vm1": 1, "vm2": 3}
+    pt.destroy()
+    assert acct.totals() == {} and pool.allocated == 0
+
+
+def test_leak_check_back_to_baseline(fmt) -> None:
+    pt, pool = fresh(fmt)
+    base = pool.allocated
+    va = va0(fmt)
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        off = int(rng.integers(0, 512)) * 4 * K * int(rng.integers(1, 64))
+        n = int(rng.integers(1, 600))
+        try:
+            pt.map(va + off, off, n * 4 * K, KATTRS)
+        except MappingExists:
+            pass
+    assert pool.allocated > base
+    pt.unmap(va, 4 * G)
+    assert pool.allocated == base == pt.table_count()
+    pt.destroy()
+    assert pool.allocated == 0
+
+
+# --- gather ---------------------------------------------------------------------------------------
+def test_batch_of_scattered_unmaps_costs_one_flush() -> None:
+    pt, pool = fresh()
+    va = va0(X86)
+    pt.map(va, 0, G, KATTRS, page_sizes=[4 * K])
+    g = pt.gather
+    f0 = g.stats.flushes
+    with g.batch():
+        for i in range(100):
+            pt.unmap(va + i * 9 * M, 4 * K)  # scattered pages, each in its own pte table
+        assert g.stats.flushes == f0 and len(g.pending) == 100
+    assert g.stats.flushes == f0 + 1 and g.stats.pages_flushed >= 100
+    for i in range(100, 110):
+        pt.unmap(va + i * 9 * M, 4 * K)
+    assert g.stats.flushes == f0 + 11  # one per operation outside a batch
+
+
+def test_table_frees_wait_for_the_flush() -> None:
+    pt, pool = fresh()
+    va = va0(X86)
+    pt.map(va, 0, 4 * K, KATTRS)
+    assert pool.allocated == 4
+    with pt.gather.noflush_mode():
+        pt.unmap(va, 4 * K)
+        assert pool.allocated == 4 and pt.gather.pending_tables == 3
+        assert pt.table_count() == 1  # already unlinked
+    assert pool.allocated == 4  # leaving no-flush mode does not flush by itself
+    pt.gather.flush()
+    assert pool.allocated == 1 and pt.gather.stats.tables_freed == 3
+
+
+# --- share / clone / preallocate / apply ---------------------------------------------------------
+def test_share_makes_later_changes_visible_in_both_roots(fmt) -> None:
+    kernel, pool = fresh(fmt)
+    asi = PageTable(fmt, kernel.mem, alloc=kernel.alloc, gather=kernel.gather)
+    va = va0(fmt)
+    top = fmt.top_level
+    kernel.map(va, 0, 2 * M, KATTRS)
+    span = fmt.entry_size(top)
+    base = va - va % span
+    asi.share(kernel, base, span, top)  # ASI: whole pgd entry
+    assert translate(fmt, asi.mem, asi.root, va + 4 * K).pa == 4 * K
+    kernel.map(va + 2 * G, 0x1000_0000, 4 * K, KATTRS)  # later change below the shared level
+    assert translate(fmt, asi.mem, asi.root, va + 2 * G).pa == 0x1000_0000
+    asi.unmap(va, 2 * M)  # and the other way round
+    assert translate(fmt, kernel.mem, kernel.root, va).fault is not None
+    n = pool.allocated
+    kernel.destroy()  # the shared sub-tables survive: asi still references them
+    assert pool.allocated == n - 1
+    assert translate(fmt, asi.mem, asi.root, va + 2 * G).pa == 0x1000_0000
+    asi.destroy()
+    assert pool.allocated == 0
+
+
+def test_share_at_pmd_level_conflicts_copy_and_unshare(fmt) -> None:
+    src, pool = fresh(fmt)
+    dst = PageTable(fmt, src.mem, alloc=src.alloc, gather=src.gather)
+    va = va0(fmt)
+    src.map(va, 0, 2 * M, KATTRS, page_sizes=[4 * K])
+    src.map(va + 2 * M, 0x20_0000, 2 * M, KATTRS)  # a 2M leaf: copied, not shared
+    dst.map(va + 4 * M, 0, 4 * K, KATTRS)
+    with pytest.raises(MappingExists, match=f"{va + 4 * M:#x}"):
+        dst.share(src, va, 6 * M, 1)
+    dst.share(src, va, 6 * M, 1, replace=True)  # third slot: empty in src -> new shared table
+    src.map(va + 4 * M, 0x123000, 4 * K, KATTRS)
+    assert translate(fmt, dst.mem, dst.root, va + 4 * M).pa == 0x123000
+    src.unmap(va + 2 * M, 2 * M)  # copied slot: dst keeps its copy
+    assert translate(fmt, dst.mem, dst.root, va + 2 * M).pa == 0x20_0000
+    assert dst.unshare(va, 6 * M, 1) == 2
+    assert translate(fmt, dst.mem, dst.root, va).fault is not None
+    assert translate(fmt, src.mem, src.root, va).pa == 0
+    dst.destroy()
+    src.destroy()
+    assert pool.allocated == 0
+
+
+def test_clone_copies_leaves_without_aliasing(fmt) -> None:
+    src, pool = fresh(fmt)
+    dst = PageTable(fmt, src.mem, alloc=src.alloc)
+    va = va0(fmt)
+    src.map(va, 0, G, KATTRS)
+    src.map(va + G, 0x4000_0000, 4 * M + 8 * K, KATTRS.with_(writable=False))
+    n = dst.clone(src, va + G - 2 * M, 4 * M)  # part of the 1G leaf + one 2M leaf
+    assert n == 2
+    assert [(r.va, r.size, r.pa) for r in runs(dst, va, 2 * G)] == [
+        (va + G - 2 * M, 2 * M, G - 2 * M), (va + G, 2 * M, 0x4000_0000)]
+    assert not runs(dst, va + G, 2 * M)[0].attrs.writable
+    src.unmap(va, 2 * G)
+    assert len(runs(dst, va, 2 * G)) == 2
+
+
+def test_preallocate_then_no_allocation_paths(fmt) -> None:
+    pt, pool = fresh(fmt)
+    va = va0(fmt) + 6 * M
+    assert pt.preallocate(va, 4 * M, 0) == 2 + 2  # pud + pmd on the path, two pte tables
+    snap_tables = pool.allocated
+    pt.alloc = NoAllocAllocator()
+    pt.map(va + 4 * K, 0x5000, 8 * K, KATTRS)
+    pt.map(va + 2 * M, 0x40_0000, 2 * M, KATTRS)  # existing pte table: 4K pages, no alloc
+    pt.protect(va, 4 * M, clear=["writable"])
+    pt.unmap(va, 4 * M)  # pinned tables are not freed
+    pt.map(va, 0, 4 * K, KATTRS)
+    assert pool.allocated == snap_tables
+    snap = pt.mem.snapshot()
+    with pytest.raises(AllocError):
+        pt.map(va + 4 * M, 0, 4 * K, KATTRS)  # outside the preallocated range
+    assert pt.mem.snapshot() == snap
+    assert pt.collapse(va, 2 * M) == 0  # pinned tables are never collapsed
+
+
+def test_apply_visits_leaves_and_may_replace_them(fmt) -> None:
+    pt, pool = fresh(fmt)
+    va = va0(fmt)
+    pt.map(va, 0, 2 * M + 8 * K, KATTRS)
+    seen = []
+
+    def fn(v: int, level: int, e: Entry) -> Entry | None:
+        seen.append((v, level))
+        if level == 0 and v == va + 2 * M:
+            return Entry(Kind.LEAF, e.oa, e.attrs.with_(writable=False))
+        if level == 0:
+            return Entry(Kind.EMPTY)
+        return None
+
+    pt.alloc = NoAllocAllocator()
+    assert pt.apply(va + 4 * K, 2 * M + 8 * K, fn) == 3
+    assert seen == [(va, 1), (va + 2 * M, 0), (va + 2 * M + 4 * K, 0)]
+    rs = runs(pt, va, 4 * M)
+    assert [(r.va, r.size, r.attrs.writable) for r in rs] == [
+        (va, 2 * M, True), (va + 2 * M, 4 * K, False)]
+    with pytest.raises(EngineError, match="LEAF/EMPTY"):
+        pt.apply(va, 4 * K, lambda v, lvl, e: Entry(Kind.TABLE, 0))
+
+
+# --- other formats, imported roots, vectorised encode -------------------------------------------
+@pytest.mark.parametrize("fmt", [Arm64(16384, 47), Arm64(65536, 52)], ids=lambda f: f.name)
+def test_big_granules(fmt) -> None:
+    pt, pool = fresh(fmt)
+    g, l1 = fmt.table_bytes, fmt.entry_size(1)
+    va = fmt.va_ranges()[-1][0] + 4 * l1
+    pt.map(va, 0, l1 + 3 * g, KATTRS)
+    assert levels(pt, va, 2 * l1) == [1, 0, 0, 0]
+    pt.unmap(va + g, g)
+    assert [r.size for r in runs(pt, va, 2 * l1)] == [g, l1 - g + 3 * g - g]
+    pt.unmap(va, 2 * l1)
+    assert pool.allocated == 1
+
+
+def test_imported_root_is_operated_on_without_freeing_foreign_tables() -> None:
+    b = TableBuilder(X86)
+    va = va0(X86)
+    b.map(va, 0, 2 * M, KATTRS, level=0)
+    pool = PhysPool(b.mem, POOL, 1 << 24)
+    pt = PageTable(X86, b.mem, root=b.root, alloc=NormalAllocator(pool))
+    pt.protect(va, 4 * K, clear=["writable"])
+    assert not translate(X86, b.mem, b.root, va).attrs.writable
+    pt.unmap(va, 2 * M)  # empties the builder's tables: unlinked, not freed to our pool
+    assert pool.allocated == 0 and pt.table_count() == 1
+    with pytest.raises(EngineError, match="root"):
+        PageTable(X86, b.mem, root=b.root + 8)
+
+
+@pytest.mark.parametrize("fmt", all_configs(), ids=lambda f: f.name)
+def test_leaf_encoder_matches_scalar_codec(fmt) -> None:
+    enc = LeafEncoder(fmt)
+    rng = np.random.default_rng(1)
+    for a in (KATTRS, Attrs(present=False, writable=True), Attrs(exec=True, cache=3)):
+        a = fmt.normalize(a)
+        for level in sorted(fmt.leaf_levels):
+            sh = fmt.shift(level)
+            oas = [0, ((1 << fmt.pa_bits) - 1) >> sh << sh] + [
+                int(x) >> sh << sh for x in rng.integers(0, 1 << fmt.pa_bits, 20, dtype=np.uint64)]
+            got = enc.encode(np.array(oas, dtype=np.uint64), a, level)
+            assert [int(x) for x in got] == [fmt.leaf(o, a, level) for o in oas]
+
+
+# --- contiguous hint (arm64) ----------------------------------------------------------------------
+def test_contiguous_groups_written_and_unfolded() -> None:
+    pt, _ = fresh(ARM)
+    va = va0(ARM)
+    assert pt.page_sizes()[64 * K] == (0, True) and pt.page_sizes()[32 * M] == (1, True)
+    pt.map(va, 0, 1 * M, KATTRS, page_sizes=[4 * K, 64 * K])
+    pt.map(va + 1 * M, 0x10_1000, 128 * K, KATTRS, page_sizes=[4 * K, 64 * K])  # PA misaligned
+    rs = runs(pt, va, 2 * M)
+    assert [(r.size, r.attrs.contiguous) for r in rs] == [(1 * M, True), (128 * K, False)]
+    pt.unmap(va + 64 * K + 8 * K, 4 * K)  # the second group unfolds, the others stay
+    rs = runs(pt, va, 1 * M)
+    assert [(r.va - va, r.size, r.attrs.contiguous) for r in rs] == [
+        (0, 64 * K, True), (64 * K, 8 * K, False), (76 * K, 52 * K, False),
+        (128 * K, 1 * M - 128 * K, True)]
+    pt.protect(va + 1 * M - 64 * K, 4 * K, clear=["writable"])  # unfold the last group
+    assert [r.attrs.contiguous for r in runs(pt, va, 1 * M)] == [True, False, False, True, False,
+                                                                  False]
+    pt.map(va + 32 * M, 32 * M, 64 * M, KATTRS, page_sizes=[2 * M, 32 * M])
+    assert {r.attrs.contiguous for r in runs(pt, va + 32 * M, 64 * M)} == {True}
+    pt.split(va + 32 * M, 1)  # splitting one block unfolds its 32M group
+    rs = runs(pt, va + 32 * M, 64 * M)
+    assert [(r.size, r.level, r.attrs.contiguous) for r in rs] == [
+        (2 * M, 0, False), (30 * M, 1, False), (32 * M, 1, True)]
+    with pytest.raises(EngineError, match="no page size"):
+        fresh(X86)[0].map(va0(X86), 0, 64 * K, KATTRS, page_sizes=[64 * K])
+
+
+def test_default_allocator_is_shared_per_memory() -> None:
+    mem = SparseMemory()
+    a, b = PageTable(X86, mem), PageTable(X86, mem)
+    assert a.root != b.root and a.alloc.pool is b.alloc.pool
+    a.map(va0(X86), 0, 4 * K, KATTRS)
+    b.map(va0(X86), 0, 4 * K, KATTRS)
+    assert a.alloc.pool.allocated == 8
+    small = SparseMemory(1 << 30)  # no room at 1 TiB: the top quarter of this memory
+    c = PageTable(ARM, small)
+    assert 3 << 28 <= c.root < 1 << 30
+
+
+def test_set_table_attrs_restricts_everything_below(fmt) -> None:
+    pt, _ = fresh(fmt, table_attrs=fmt.table_attrs().with_(user=True))
+    va = va0(fmt)
+    pt.map(va, 0, 4 * K, KATTRS.with_(user=True, uexec=True, exec=True))
+    top = fmt.top_level
+    assert pt.translate(va).attrs.uexec
+    nx = fmt.table_attrs().with_(user=True, exec=False, uexec=False)
+    pt.set_table_attrs(va, top, nx)  # KPTI: NX on the kernel copy of a user pgd entry
+    t = pt.translate(va)
+    assert t.pa == 0 and not t.attrs.uexec and not t.attrs.exec
+    assert pt.gather.stats.flushes >= 1
+    with pytest.raises(EngineError, match="no table entry"):
+        pt.set_table_attrs(va + 4 * G, 1, nx)

@@ -1,0 +1,91 @@
+"""ELF helpers of the image build: symlink resolution inside a root, library closure,
+PVH vmlinux extraction (on the cached Debian kernel when present)."""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from ptharness import image as image_mod
+from ptharness.image_elf import (
+    ElfError,
+    elf_notes,
+    library_closure,
+    pvh_entry,
+    resolve_in_root,
+    vmlinux_from_bzimage,
+)
+
+
+def fake_elf_with_note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    note = struct.pack("<III", len(name) + 1, len(desc), ntype) + name + b"\0"
+    note += b"\0" * (-len(note) % 4) + desc + b"\0" * (-len(desc) % 4)
+    ehdr = bytearray(64)
+    ehdr[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", ehdr, 0x20, 64)
+    struct.pack_into("<HH", ehdr, 0x36, 56, 1)
+    phdr = struct.pack("<IIQQQQQQ", 4, 0, 64 + 56, 0, 0, len(note), len(note), 4)
+    return bytes(ehdr) + phdr + note
+
+
+def test_pvh_note_and_bzimage_payload():
+    elf = fake_elf_with_note(b"Xen", 18, struct.pack("<I", 0x1000850))
+    assert elf_notes(elf) == [("Xen", 18, struct.pack("<I", 0x1000850))]
+    assert pvh_entry(elf) == 0x1000850
+    assert pvh_entry(fake_elf_with_note(b"GNU", 3, b"abcd")) is None
+    setup = b"MZ" + b"\xfd7zXZ\x00 not a stream" + os.urandom(100)
+    bz = setup + lzma.compress(elf, format=lzma.FORMAT_XZ) + b"\x10\x20\x30\x40"
+    assert vmlinux_from_bzimage(bz) == elf
+    no_pvh = setup + lzma.compress(fake_elf_with_note(b"GNU", 3, b"x"), format=lzma.FORMAT_XZ)
+    with pytest.raises(ElfError, match="PVH"):
+        vmlinux_from_bzimage(no_pvh)
+    with pytest.raises(ElfError, match="no xz"):
+        vmlinux_from_bzimage(b"MZ" + b"\0" * 1000)
+
+
+def test_resolve_in_root_stays_inside(tmp_path):
+    root = tmp_path / "root"
+    (root / "lib/aarch64-linux-gnu").mkdir(parents=True)
+    (root / "lib/aarch64-linux-gnu/ld-2.36.so").write_bytes(b"loader")
+    (root / "lib/ld-linux-aarch64.so.1").symlink_to("aarch64-linux-gnu/ld-2.36.so")
+    (root / "lib/abs.so").symlink_to("/lib/aarch64-linux-gnu/ld-2.36.so")
+    (root / "lib/escape.so").symlink_to("/etc/passwd")
+    (root / "usr").mkdir()
+    (root / "usr/lib").symlink_to("../lib")
+    want = root / "lib/aarch64-linux-gnu/ld-2.36.so"
+    assert resolve_in_root(root, "/lib/ld-linux-aarch64.so.1") == want
+    assert resolve_in_root(root, "/lib/abs.so") == want
+    assert resolve_in_root(root, "/usr/lib/abs.so") == want
+    assert resolve_in_root(root, "/lib/escape.so") is None      # host /etc/passwd not used
+    assert resolve_in_root(root, "/lib/missing.so") is None
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/dropbear").exists() or not shutil.which("readelf"),
+                    reason="host dropbear or readelf missing")
+def test_library_closure_of_host_dropbear():
+    libs = library_closure(Path("/usr/sbin/dropbear"), Path("/"),
+                           ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu"])
+    assert "/lib64/ld-linux-x86-64.so.2" in libs
+    names = {Path(p).name for p in libs}
+    assert {"libc.so.6", "libz.so.1", "libtomcrypt.so.1"} <= names
+    for host in libs.values():
+        assert host.read_bytes()[:4] == b"\x7fELF"
+    with pytest.raises(ElfError, match="not found"):
+        library_closure(Path("/usr/sbin/dropbear"), Path("/"), ["/nonexistent"])
+
+
+def _cached_bzimages() -> list[Path]:
+    root = image_mod.cache_root() / "pkg"
+    return sorted(root.glob("x86_64/linux-image-*/boot/vmlinuz-*")) if root.is_dir() else []
+
+
+@pytest.mark.skipif(not _cached_bzimages(), reason="no extracted amd64 kernel in images/cache")
+def test_real_bzimage_has_pvh_vmlinux():
+    vmlinux = vmlinux_from_bzimage(_cached_bzimages()[-1].read_bytes())
+    entry = pvh_entry(vmlinux)
+    assert entry is not None and 0x1000000 <= entry < 0x4000000    # physical, near 16 MiB
+    assert struct.unpack_from("<H", vmlinux, 18)[0] == 62           # EM_X86_64

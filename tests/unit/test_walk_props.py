@@ -1,0 +1,106 @@
+"""Property tests on random well-formed tables: runs are exact and maximal against a flat
+page oracle built from translate(), and the semantic diff covers exactly the pages that
+differ."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ptlab.dump import diff
+from ptlab.formats.arm64 import Arm64
+from ptlab.formats.x86 import X86_64
+from ptlab.testing import ARM64_PAGE_KERNEL, X86_PAGE_KERNEL, TableBuilder
+from ptlab.walk import translate, walk_runs
+
+FORMATS = [X86_64(4), X86_64(5), Arm64(4096, 48), Arm64(16384, 47), Arm64(4096, 39)]
+SLOTS = 48  # pages of the granule in the window under test
+
+
+def window(fmt) -> int:
+    """Start of a window that straddles a pmd-table boundary (two pte tables)."""
+    start = fmt.va_ranges()[-1][0]
+    return start + fmt.entry_size(1) - (SLOTS // 2) * fmt.page_sizes()[0]
+
+
+attr_choice = st.sampled_from(["rw", "ro", "rox", "rw_old"])
+mapping = st.lists(st.tuples(st.integers(0, SLOTS - 1), st.integers(1, 8), attr_choice,
+                             st.integers(0, 3)), max_size=10)
+
+
+def attrs_of(fmt, name: str):
+    base = X86_PAGE_KERNEL if fmt.arch == "x86_64" else ARM64_PAGE_KERNEL
+    a = {"rw": base, "ro": base.with_(writable=False, dbm=False),
+         "rox": base.with_(writable=False, exec=True, uexec=fmt.arch == "x86_64", dbm=False),
+         "rw_old": base.with_(accessed=False, dirty=False)}[name]
+    return fmt.normalize(a)
+
+
+def build(fmt, maps) -> TableBuilder:
+    b = TableBuilder(fmt)
+    g = fmt.page_sizes()[0]
+    start = window(fmt)
+    for slot, n, name, pa_jump in maps:
+        n = min(n, SLOTS - slot)
+        for i in range(n):  # later mappings overwrite earlier ones page by page
+            va = start + (slot + i) * g
+            pa = 0x4000_0000 + (slot + i) * g + pa_jump * 0x100_0000
+            b.set_raw(va, 0, fmt.leaf(pa, attrs_of(fmt, name), 0))
+    return b
+
+
+def oracle(fmt, b) -> dict[int, tuple]:
+    g = fmt.page_sizes()[0]
+    out = {}
+    for i in range(SLOTS):
+        va = window(fmt) + i * g
+        t = translate(fmt, b.mem, b.root, va)
+        if t.fault is None:
+            out[va] = (t.pa, t.attrs)
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=st.sampled_from(FORMATS), maps=mapping, ad=st.booleans())
+def test_runs_are_exact_and_maximal(fmt, maps, ad):
+    b = build(fmt, maps)
+    g = fmt.page_sizes()[0]
+    runs, anomalies = walk_runs(fmt, b.mem, b.root, ignore_ad=ad)
+    assert anomalies == []
+    pages = oracle(fmt, b)
+    covered = {}
+    for r in runs:
+        assert r.page_size == g and r.size == r.count * g
+        for k in range(r.count):
+            covered[r.va + k * g] = (r.pa + k * g, r.attrs)
+    if ad:
+        def strip(v):
+            return (v[0], v[1].with_(accessed=False, dirty=False))
+        assert {k: strip(v) for k, v in covered.items()} == {k: strip(v) for k, v in pages.items()}
+    else:
+        assert covered == pages
+    for a, c in zip(runs, runs[1:], strict=False):  # maximal: neighbours could not merge
+        same = (a.attrs.with_(accessed=False, dirty=False) == c.attrs.with_(accessed=False,
+                dirty=False)) if ad else a.attrs == c.attrs
+        assert not (a.end == c.va and a.pa + a.size == c.pa and same)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=st.sampled_from(FORMATS), old=mapping, new=mapping)
+def test_diff_covers_exactly_the_differing_pages(fmt, old, new):
+    a, b = build(fmt, old), build(fmt, new)
+    ra, _ = walk_runs(fmt, a.mem, a.root)
+    rb, _ = walk_runs(fmt, b.mem, b.root)
+    pa, pb = oracle(fmt, a), oracle(fmt, b)
+    g = fmt.page_sizes()[0]
+    changed = {}
+    for ch in diff(ra, rb):
+        assert ch.size > 0 and ch.size % g == 0
+        for va in range(ch.va, ch.end, g):
+            changed[va] = ch.kind
+    differing = {va for va in pa.keys() | pb.keys() if pa.get(va) != pb.get(va)}
+    assert set(changed) == differing
+    for va, kind in changed.items():
+        assert kind == ("added" if va not in pa else "removed" if va not in pb else "changed")
+    changes = diff(ra, rb)
+    for x, y in zip(changes, changes[1:], strict=False):
+        assert x.end <= y.va
