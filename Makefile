@@ -31,7 +31,7 @@ test-unit: setup
 	$(BIN)/pytest -q -n $(JOBS) tests/unit
 
 test-qemu: images
-	PTLAB_ARCH=$(ARCH) $(BIN)/pytest -q -n $(JOBS) --dist loadgroup -m qemu tests/qemu
+	PTLAB_ARCH=$(ARCH) $(BIN)/pytest -q -n $(JOBS) --dist loadscope -m qemu tests/qemu
 
 test: setup host-deps
 	$(MAKE) test-unit
