@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from ptlab.formats.base import Format, Kind
 from ptlab.memory.base import PhysMemory
-from ptlab.walk import Run, Walker, translate
+from ptlab.walk import Run, RunTable, Walker, translate
 
 from . import oracle
 
@@ -49,7 +49,7 @@ class KernelWalk:
 
     fmt: Format
     root: int
-    runs: list[Run]
+    runs: RunTable
     anomalies: list[Any]
     tables: int
     seconds: float
@@ -60,7 +60,7 @@ def walk_kernel(fmt: Format, mem: PhysMemory, root: int, **kw: Any) -> KernelWal
     start, end = kernel_half(fmt)
     t0 = time.perf_counter()
     walker = Walker(fmt, mem, root, **kw)
-    runs = list(walker.runs(start, end))
+    runs = walker.run_table(start, end)
     secs = time.perf_counter() - t0
     return KernelWalk(fmt, root, runs, walker.anomalies, walker.tables_visited, secs)
 

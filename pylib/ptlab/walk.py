@@ -17,8 +17,11 @@ error, a malformed entry (``Format.anomalies``) and an exhausted table budget ar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import gc
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat, starmap
+from typing import overload
 
 import numpy as np
 
@@ -26,13 +29,14 @@ from .formats.base import Attrs, Entry, Format, Kind, combine
 from .memory.base import MemoryError_, PhysMemory
 
 __all__ = [
-    "HOLE_ATTRS", "Anomaly", "Run", "Step", "Trace", "Walker", "level_name", "translate",
-    "walk_runs",
+    "HOLE_ATTRS", "Anomaly", "Run", "RunTable", "Step", "Trace", "Walker", "level_name",
+    "translate", "walk_runs",
 ]
 
 HOLE_ATTRS = Attrs(present=False)  # attrs of a hole run (no entry at all)
 DEFAULT_MAX_TABLES = 1 << 18  # 1 GiB of 4K tables: far more than any real kernel holds
 _CHUNK = 512  # tables scanned in one numpy pass (bounds the temporary array: 2 MiB of 4K tables)
+_BLOCK_MIN = 16  # table-free stretches of at least this many runs are emitted vectorised
 
 _U64 = (1 << 64) - 1
 _EMPTY, _TABLE, _LEAF = int(Kind.EMPTY), int(Kind.TABLE), int(Kind.LEAF)
@@ -147,6 +151,42 @@ def _make_run(va: int, size: int, pa: int, page_size: int, level: int, attrs: At
     return r
 
 
+RunRow = tuple[int, int, int, int, int, Attrs, int, Kind, "Attrs | None"]
+
+
+class RunTable(Sequence[Run]):
+    """The runs of one walk, in VA order, held as rows (va, size, pa, page_size, level, attrs,
+    count, kind, own); :class:`Run` objects are built on access, so a walk that yields tens of
+    thousands of runs (x86's ESPFIX aliases) does not pay for objects nobody looks at."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: list[RunRow]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, i: int) -> Run: ...
+    @overload
+    def __getitem__(self, i: slice) -> RunTable: ...
+    def __getitem__(self, i: int | slice) -> Run | RunTable:
+        if isinstance(i, slice):
+            return RunTable(self._rows[i])
+        return _make_run(*self._rows[i])
+
+    def __iter__(self) -> Iterator[Run]:
+        return starmap(_make_run, self._rows)
+
+    def column(self, name: str) -> np.ndarray:
+        """One numeric field of every run (va, size, pa, page_size, level or count) as uint64."""
+        at = ("va", "size", "pa", "page_size", "level", "attrs", "count").index(name)
+        if name == "attrs":
+            raise ValueError("attrs is not numeric")
+        return np.fromiter((r[at] for r in self._rows), dtype=np.uint64, count=len(self._rows))
+
+
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -254,44 +294,55 @@ class Walker:
         self.anomalies: list[Anomaly] = []
         self.tables_visited = 0
         self._ad = np.uint64(fmt.ad_mask() if ignore_ad else 0)
-        self._out: list[Run] = []
+        self._out: list[RunRow] = []
         # [va, pa, size, page_size, level, attrs, count, kind, key, own]
         self._open: list | None = None
         self._offset = 0  # canonical VA - low VA in the current range
         self._budget_noted = False
-        self._clean_keys: set[tuple[int, int]] = set()  # (level, attr key) without anomalies
+        self._clean_keys: dict[int, set[int]] = {}  # level -> attr keys without anomalies
         self._interned: dict[object, int] = {}  # run comparison key -> small int
 
     # --- public -------------------------------------------------------------------------------
     def runs(self, start: int | None = None, end: int | None = None) -> Iterator[Run]:
         """Runs in [start, end) (default: every range of ``fmt.va_ranges()``), in VA order.
 
-        The walk happens when runs() is called (the iterator is over a finished list), so
+        The walk happens when runs() is called (the iterator is over a finished table), so
         ``anomalies`` and ``tables_visited`` describe it as soon as runs() returns; they are
         reset per call. Runs are clipped to [start, end) (``count`` = entries touched).
         """
+        return iter(self.run_table(start, end))
+
+    def run_table(self, start: int | None = None, end: int | None = None) -> RunTable:
+        """Like :meth:`runs`, as a :class:`RunTable` (a sequence; Run objects made on access)."""
         start = 0 if start is None else _check_int("start", start, 0, _U64)
         end = 1 << 64 if end is None else _check_int("end", end, 0, 1 << 64)
         if start >= end:
             raise ValueError(f"empty VA range [{start:#x}, {end:#x})")
         self.anomalies, self.tables_visited, self._budget_noted = [], 0, False
         self._out, self._open = [], None
-        for rs, re_ in self.fmt.va_ranges():
-            s, e = max(rs, start), min(re_, end)
-            if s >= e:
-                continue
-            lo = _low(self.fmt, s)
-            self._offset = s - lo
-            self._walk([self.root], self.fmt.top_level, 0, lo, lo + (e - s), (), frozenset())
-            self._flush()
+        collecting = gc.isenabled()
+        gc.disable()  # the walk creates many small acyclic tuples: collections would be waste
+        try:
+            for rs, re_ in self.fmt.va_ranges():
+                s, e = max(rs, start), min(re_, end)
+                if s >= e:
+                    continue
+                lo = _low(self.fmt, s)
+                self._offset = s - lo
+                self._walk([self.root], self.fmt.top_level, 0, lo, lo + (e - s), (),
+                           frozenset())
+                self._flush()
+        finally:
+            if collecting:
+                gc.enable()
         out, self._out = self._out, []
-        return iter(out)
+        return RunTable(out)
 
     # --- emission -----------------------------------------------------------------------------
     def _flush(self) -> None:
         o = self._open
         if o is not None:
-            self._out.append(_make_run(o[0], o[2], o[1], o[3], o[4], o[5], o[6], o[7], o[9]))
+            self._out.append((o[0], o[2], o[1], o[3], o[4], o[5], o[6], o[7], o[9]))
             self._open = None
 
     def _emit(self, low: int, size: int, pa: int, level: int, attrs: Attrs, count: int,
@@ -393,9 +444,8 @@ class Walker:
         if self._ad:
             keys = keys & ~self._ad
         starts, oas = self._runs_of(raws, kinds, keys, level, esize)
-        starts_l = starts.tolist()
-        ends = starts_l[1:] + [m]
-        kinds_l = kinds[starts].tolist()
+        ends = np.append(starts[1:], m)
+        run_kinds = kinds[starts]
         # fmt.anomalies() checks the first entry of every run and every non-zero empty entry:
         # within a leaf run raws step exactly by the entry size, so the run's other entries
         # hold the same bits; table runs are checked entry by entry in _tables(). Entries made
@@ -409,56 +459,146 @@ class Walker:
             check = np.union1d(check, np.flatnonzero(odd))
         self._check(raws, check, full_keys, level, pas, i0, base, esize,
                     oas[check] if oas is not None else None)
-        start_oas = (oas[starts] if oas is not None else fmt.oas(raws[starts], level)).tolist()
-        keys_l = full_keys[starts].tolist()
+        start_oas = oas[starts] if oas is not None else fmt.oas(raws[starts], level)
+        run_keys = full_keys[starts]
         here = None  # tables a child may not point to: the path so far and this batch
         cache: dict[int, tuple[Entry, Attrs, int]] = {}  # leaf key -> decoded, effective
         offset = self._offset
-        for s, e, kind, key_raw, pa in zip(starts_l, ends, kinds_l, keys_l, start_oas,
-                                           strict=True):
-            low = base + (i0 + s) * esize
-            if kind == _LEAF:
-                hit = cache.get(key_raw)
-                if hit is None:  # equal attr keys decode to equal Attrs: decode once per key
-                    hit = cache[key_raw] = self._decode_leaf(int(raws[s]), level, ctx)
-                entry, attrs, cmp = hit
-                if entry.kind is not Kind.LEAF:  # the format's kinds() and decode() disagree
-                    gi = i0 + s
-                    self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, int(raws[s]),
-                                  f"kinds() says leaf, decode() says {entry.kind.name}")
+
+        def loop(a: int, b: int) -> None:
+            """Emit runs a..b-1 one by one (tables, clipping, holes, short stretches)."""
+            nonlocal here
+            for s, e, kind, key_raw, pa in zip(
+                    starts[a:b].tolist(), ends[a:b].tolist(), run_kinds[a:b].tolist(),
+                    run_keys[a:b].tolist(), start_oas[a:b].tolist(), strict=True):
+                low = base + (i0 + s) * esize
+                if kind == _LEAF:
+                    hit = cache.get(key_raw)
+                    if hit is None:  # equal attr keys decode to equal Attrs: decode once per key
+                        hit = cache[key_raw] = self._decode_leaf(int(raws[s]), level, ctx)
+                    entry, attrs, cmp = hit
+                    if entry.kind is not Kind.LEAF:  # the format's kinds() and decode() disagree
+                        gi = i0 + s
+                        self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, int(raws[s]),
+                                      f"kinds() says leaf, decode() says {entry.kind.name}")
+                        self._hole(low, e - s, level, lo, hi)
+                        continue
+                    if not entry.attrs.present and not self.include_nonpresent:
+                        self._hole(low, e - s, level, lo, hi)
+                        continue
+                    count = e - s
+                    size = count * esize
+                    if self.check_oa and entry.attrs.present and not self.mem.contains(pa, size):
+                        gi = i0 + s
+                        self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, int(raws[s]),
+                                      f"leaf output range {pa:#x}+{size:#x} outside memory")
+                    if lo <= low and low + size <= hi:  # not clipped: the common case, inlined
+                        o = self._open
+                        if o is not None:
+                            if (o[8] == cmp and o[0] + o[2] == low + offset
+                                    and o[1] + o[2] == pa and o[4] == level
+                                    and o[7] is Kind.LEAF):
+                                o[2] += size  # extends the open run
+                                o[6] += count
+                                continue
+                            self._out.append((o[0], o[2], o[1], o[3], o[4], o[5], o[6], o[7],
+                                              o[9]))
+                        self._open = [low + offset, pa, size, esize, level, attrs, count,
+                                      Kind.LEAF, cmp, entry.attrs if self.own_attrs else None]
+                        continue
+                    self._emit(low, size, pa, level, attrs, count, Kind.LEAF, cmp, lo, hi,
+                               entry.attrs if self.own_attrs else None)
+                elif kind == _EMPTY:
                     self._hole(low, e - s, level, lo, hi)
-                    continue
-                if not entry.attrs.present and not self.include_nonpresent:
-                    self._hole(low, e - s, level, lo, hi)
-                    continue
-                count = e - s
-                size = count * esize
-                if self.check_oa and entry.attrs.present and not self.mem.contains(pa, size):
-                    gi = i0 + s
-                    self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, int(raws[s]),
-                                  f"leaf output range {pa:#x}+{size:#x} outside memory")
-                if lo <= low and low + size <= hi:  # not clipped: the common case, inlined
-                    o = self._open
-                    if o is not None:
-                        if (o[8] == cmp and o[0] + o[2] == low + offset and o[1] + o[2] == pa
-                                and o[4] == level and o[7] is Kind.LEAF):
-                            o[2] += size  # extends the open run
-                            o[6] += count
-                            continue
-                        self._out.append(_make_run(o[0], o[2], o[1], o[3], o[4], o[5], o[6],
-                                                   o[7], o[9]))
-                    self._open = [low + offset, pa, size, esize, level, attrs, count,
-                                  Kind.LEAF, cmp, entry.attrs if self.own_attrs else None]
-                    continue
-                self._emit(low, size, pa, level, attrs, count, Kind.LEAF, cmp, lo, hi,
-                           entry.attrs if self.own_attrs else None)
-            elif kind == _EMPTY:
-                self._hole(low, e - s, level, lo, hi)
-            else:
-                if here is None:
-                    here = ancestors | frozenset(pas)
-                self._tables(raws, s, e, level, low, esize, ctx, here, pas, lo, hi, i0, base,
-                             full_keys)
+                else:
+                    if here is None:
+                        here = ancestors | frozenset(pas)
+                    self._tables(raws, s, e, level, low, esize, ctx, here, pas, lo, hi, i0,
+                                 base, full_keys)
+
+        nruns = starts.size
+        vector = (not self.include_holes and not self.check_oa and nruns >= _BLOCK_MIN
+                  and lo <= base + i0 * esize and base + i1 * esize <= hi)
+        if not vector:
+            loop(0, nruns)
+            return
+        prev = 0
+        for t in [*np.flatnonzero(run_kinds == _TABLE).tolist(), nruns]:
+            if t - prev < _BLOCK_MIN or not self._emit_block(
+                    starts[prev:t], ends[prev:t], run_kinds[prev:t], run_keys[prev:t],
+                    start_oas[prev:t], raws, level, ctx, base + i0 * esize, esize, cache):
+                loop(prev, t)
+            loop(t, t + 1)  # the table run (nothing past the end)
+            prev = t + 1
+
+    def _emit_block(self, starts: np.ndarray, ends: np.ndarray, kinds: np.ndarray,
+                    keys: np.ndarray, oas: np.ndarray, raws: np.ndarray, level: int,
+                    ctx: tuple[Attrs, ...], base: int, esize: int,
+                    cache: dict[int, tuple[Entry, Attrs, int]]) -> bool:
+        """Emit a stretch of leaf and empty runs (no tables, nothing clipped, no holes wanted)
+        with numpy, with exactly the per-run loop's result. ``starts``/``ends`` index ``raws``,
+        whose entry 0 maps low VA ``base``. False (nothing emitted) if a leaf key does not
+        decode to a leaf: the per-run loop reports that."""
+        leaf_runs = np.flatnonzero(kinds == _LEAF)
+        ukeys, first, inv = np.unique(keys[leaf_runs], return_index=True, return_inverse=True)
+        nk = ukeys.size
+        shown = np.zeros(nk, dtype=bool)
+        cmp_k = np.zeros(nk, dtype=np.int64)
+        attrs_k = np.empty(nk, dtype=object)
+        own_k = np.empty(nk, dtype=object)
+        for j, (key, f) in enumerate(zip(ukeys.tolist(), first.tolist(), strict=True)):
+            hit = cache.get(key)
+            if hit is None:
+                raw = int(raws[starts[leaf_runs[f]]])
+                hit = cache[key] = self._decode_leaf(raw, level, ctx)
+            entry, attrs, cmp = hit
+            if entry.kind is not Kind.LEAF:
+                return False
+            shown[j] = entry.attrs.present or self.include_nonpresent
+            cmp_k[j], attrs_k[j] = cmp, attrs
+            own_k[j] = entry.attrs if self.own_attrs else None
+        key_of = np.full(kinds.size, -1, dtype=np.int64)
+        key_of[leaf_runs] = inv.reshape(-1)
+        ei = leaf_runs[shown[inv.reshape(-1)]]  # the runs that are emitted
+        if not ei.size:
+            self._flush()
+            return True
+        count = ends[ei] - starts[ei]
+        size = count * esize
+        pa = oas[ei].astype(np.uint64)
+        va = (starts[ei] * esize + base).astype(np.uint64) + np.uint64(self._offset)
+        cmp = cmp_k[key_of[ei]]
+        join = ((ei[1:] == ei[:-1] + 1) & (pa[1:] == pa[:-1] + size[:-1].astype(np.uint64))
+                & (cmp[1:] == cmp[:-1]))
+        heads = np.flatnonzero(np.concatenate(([True], ~join)))
+        g_va, g_pa, g_cmp = va[heads].tolist(), pa[heads].tolist(), cmp[heads].tolist()
+        g_size = np.add.reduceat(size, heads).tolist()
+        g_count = np.add.reduceat(count, heads).tolist()
+        g_key = key_of[ei[heads]]
+        g_attrs, g_own = attrs_k[g_key].tolist(), own_k[g_key].tolist()
+        o, first_g = self._open, 0
+        if (o is not None and ei[0] == 0 and o[8] == g_cmp[0] and o[0] + o[2] == g_va[0]
+                and o[1] + o[2] == g_pa[0] and o[4] == level and o[7] is Kind.LEAF):
+            o[2] += g_size[0]  # the first group extends the open run
+            o[6] += g_count[0]
+            first_g = 1
+            if len(heads) > 1:
+                self._flush()
+        else:
+            self._flush()
+        ng = len(heads)
+        keep_open = ei[-1] == kinds.size - 1  # ends in a shown leaf: a later one may join it
+        last = ng - 1 if keep_open else ng
+        if last > first_g:
+            self._out.extend(zip(g_va[first_g:last], g_size[first_g:last], g_pa[first_g:last],
+                                 repeat(esize), repeat(level), g_attrs[first_g:last],
+                                 g_count[first_g:last], repeat(Kind.LEAF), g_own[first_g:last]))
+        if not keep_open:
+            self._flush()
+        elif ng - 1 >= first_g:
+            self._open = [g_va[-1], g_pa[-1], g_size[-1], esize, level, g_attrs[-1],
+                          g_count[-1], Kind.LEAF, g_cmp[-1], g_own[-1]]
+        return True
 
     def _runs_of(self, raws: np.ndarray, kinds: np.ndarray, keys: np.ndarray, level: int,
                  esize: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -513,16 +653,21 @@ class Walker:
         sel = raws[idx]
         sel_oas = oas if oas is not None else fmt.oas(sel, level)
         sel_keys = keys[idx]
-        plain = (sel == (sel_oas | sel_keys)).tolist()
-        known = self._clean_keys
-        for i, raw, key, is_plain in zip(idx.tolist(), sel.tolist(), sel_keys.tolist(), plain,
-                                         strict=True):
-            if is_plain and (level, key) in known:
-                continue
+        plain = sel == (sel_oas | sel_keys)
+        known = self._clean_keys.setdefault(level, set())
+        if plain.any():  # a plain entry is clean iff its key is: check one entry per new key
+            pk, pi = np.unique(sel_keys[plain], return_index=True)
+            praw = sel[plain][pi]
+            for key, raw in zip(pk.tolist(), praw.tolist(), strict=True):
+                if key not in known and not fmt.anomalies(raw, level):
+                    known.add(key)
+            if known:
+                clean = plain & np.isin(sel_keys, np.fromiter(known, np.uint64, len(known)))
+                rest = ~clean
+                idx, sel, sel_keys = idx[rest], sel[rest], sel_keys[rest]
+        for i, raw in zip(idx.tolist(), sel.tolist(), strict=True):
             reasons = fmt.anomalies(raw, level)
             if not reasons:
-                if is_plain:
-                    known.add((level, key))
                 continue
             gi = i0 + i
             entry_pa = pas[gi // n] + (gi % n) * 8

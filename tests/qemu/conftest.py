@@ -1,9 +1,9 @@
-"""Real-guest tests: select by architecture (PTLAB_ARCH) and keep each profile on one xdist worker.
+"""Real-guest tests: select by architecture (PTLAB_ARCH); one test class or module per profile.
 
 A test names its guest profile through a parameter called ``profile`` or a marker
-``@pytest.mark.profile("x86_64-pti")``. ``PTLAB_ARCH=x86_64|arm64|all`` (set by ``make test-qemu``)
-deselects the profiles of other architectures. Every test of one profile joins the xdist group of that
-profile, so module-scoped guests boot once per worker.
+``@pytest.mark.profile("x86_64-pti")``. ``PTLAB_ARCH=x86_64|arm64|all`` (``make test-qemu``)
+deselects the profiles of other architectures. ``make test-qemu`` distributes with
+``--dist loadscope``: a class- or module-scoped guest boots once, on the worker running its scope.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         profile = profile_of(item)
         if profile is not None:
-            item.add_marker(pytest.mark.xdist_group(profile))
             if wanted != "all" and arch_of(profile) != wanted:
                 drop.append(item)
                 continue
