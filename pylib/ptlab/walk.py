@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat, starmap
+from itertools import chain, repeat, starmap
 from typing import overload
 
 import numpy as np
@@ -29,7 +29,7 @@ from .formats.base import Attrs, Entry, Format, Kind, combine
 from .memory.base import MemoryError_, PhysMemory
 
 __all__ = [
-    "HOLE_ATTRS", "Anomaly", "Run", "RunTable", "Step", "Trace", "Walker", "level_name",
+    "HOLE_ATTRS", "Anomaly", "Run", "RunBlock", "RunTable", "Step", "Trace", "Walker", "level_name",
     "translate", "walk_runs",
 ]
 
@@ -154,18 +154,53 @@ def _make_run(va: int, size: int, pa: int, page_size: int, level: int, attrs: At
 RunRow = tuple[int, int, int, int, int, Attrs, int, Kind, "Attrs | None"]
 
 
-class RunTable(Sequence[Run]):
-    """The runs of one walk, in VA order, held as rows (va, size, pa, page_size, level, attrs,
-    count, kind, own); :class:`Run` objects are built on access, so a walk that yields tens of
-    thousands of runs (x86's ESPFIX aliases) does not pay for objects nobody looks at."""
+class RunBlock:
+    """Consecutive leaf runs of one page size and level, held as numpy columns (the
+    vectorised part of a walk); rows are made from them on access."""
 
-    __slots__ = ("_rows",)
+    __slots__ = ("attrs", "count", "level", "own", "pa", "page_size", "size", "va")
 
-    def __init__(self, rows: list[RunRow]) -> None:
-        self._rows = rows
+    def __init__(self, va: np.ndarray, size: np.ndarray, pa: np.ndarray, page_size: int,
+                 level: int, attrs: np.ndarray, count: np.ndarray, own: np.ndarray) -> None:
+        self.va, self.size, self.pa, self.count = va, size, pa, count
+        self.page_size, self.level, self.attrs, self.own = page_size, level, attrs, own
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self.va.size
+
+    def rows(self) -> Iterator[RunRow]:
+        return zip(self.va.tolist(), self.size.tolist(), self.pa.tolist(),
+                   repeat(self.page_size), repeat(self.level), self.attrs.tolist(),
+                   self.count.tolist(), repeat(Kind.LEAF), self.own.tolist())
+
+
+class RunTable(Sequence[Run]):
+    """The runs of one walk, in VA order, held as rows (va, size, pa, page_size, level, attrs,
+    count, kind, own) and :class:`RunBlock` columns; :class:`Run` objects are built on
+    access, so a walk that yields tens of thousands of runs (x86's ESPFIX aliases) does not
+    pay for objects nobody looks at."""
+
+    __slots__ = ("_items", "_len", "_rows")
+
+    def __init__(self, items: list[RunRow | RunBlock]) -> None:
+        self._items = items
+        self._rows: list[RunRow] | None = None
+        self._len = sum(len(i) if isinstance(i, RunBlock) else 1 for i in items)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def rows(self) -> Iterator[RunRow]:
+        """Every run as a row tuple, in VA order."""
+        if self._rows is not None:
+            return iter(self._rows)
+        return chain.from_iterable(i.rows() if isinstance(i, RunBlock) else (i,)
+                                   for i in self._items)
+
+    def _all_rows(self) -> list[RunRow]:
+        if self._rows is None:
+            self._rows = list(self.rows())
+        return self._rows
 
     @overload
     def __getitem__(self, i: int) -> Run: ...
@@ -173,18 +208,19 @@ class RunTable(Sequence[Run]):
     def __getitem__(self, i: slice) -> RunTable: ...
     def __getitem__(self, i: int | slice) -> Run | RunTable:
         if isinstance(i, slice):
-            return RunTable(self._rows[i])
-        return _make_run(*self._rows[i])
+            return RunTable(self._all_rows()[i])
+        return _make_run(*self._all_rows()[i])
 
     def __iter__(self) -> Iterator[Run]:
-        return starmap(_make_run, self._rows)
+        return starmap(_make_run, self.rows())
 
     def column(self, name: str) -> np.ndarray:
         """One numeric field of every run (va, size, pa, page_size, level or count) as uint64."""
-        at = ("va", "size", "pa", "page_size", "level", "attrs", "count").index(name)
-        if name == "attrs":
-            raise ValueError("attrs is not numeric")
-        return np.fromiter((r[at] for r in self._rows), dtype=np.uint64, count=len(self._rows))
+        fields = ("va", "size", "pa", "page_size", "level", "attrs", "count")
+        if name not in fields or name == "attrs":
+            raise ValueError(f"no numeric run field {name!r}")
+        at = fields.index(name)
+        return np.fromiter((r[at] for r in self.rows()), dtype=np.uint64, count=self._len)
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> int:
@@ -294,7 +330,7 @@ class Walker:
         self.anomalies: list[Anomaly] = []
         self.tables_visited = 0
         self._ad = np.uint64(fmt.ad_mask() if ignore_ad else 0)
-        self._out: list[RunRow] = []
+        self._out: list[RunRow | RunBlock] = []
         # [va, pa, size, page_size, level, attrs, count, kind, key, own]
         self._open: list | None = None
         self._offset = 0  # canonical VA - low VA in the current range
@@ -390,6 +426,7 @@ class Walker:
         j1 = min(len(pas), -(-(hi - base) // tspan))
         group: list[np.ndarray] = []
         gstart = j0
+        read: dict[int, np.ndarray] = {}
 
         def flush(upto: int) -> None:
             if group:
@@ -406,7 +443,9 @@ class Walker:
                 return
             self.tables_visited += 1
             try:
-                table = self.mem.read_table(pa, n)
+                table = read.get(pa)  # one read per distinct table of the batch
+                if table is None:
+                    table = read[pa] = self.mem.read_table(pa, n)
             except (MemoryError_, ValueError, OSError) as exc:
                 flush(j)
                 self._anomaly(base + j * tspan, level, pa, 0, f"table at {pa:#x} unreadable: {exc}")
@@ -432,35 +471,17 @@ class Walker:
         fmt = self.fmt
         n = fmt.entries(level)
         esize = fmt.entry_size(level)
-        raws_all = tables[0] if len(tables) == 1 else np.concatenate(tables)
+        total = len(tables) * n
         i0 = max(0, (lo - base) // esize)
-        i1 = min(raws_all.size, -(-(hi - base) // esize))
+        i1 = min(total, -(-(hi - base) // esize))
         if i0 >= i1:
             return
-        raws = np.asarray(raws_all[i0:i1], dtype=np.uint64)
-        m = raws.size
-        kinds = np.asarray(fmt.kinds(raws, level), dtype=np.uint8)
-        keys = full_keys = np.asarray(fmt.attr_keys(raws, level), dtype=np.uint64)
-        if self._ad:
-            keys = keys & ~self._ad
-        starts, oas = self._runs_of(raws, kinds, keys, level, esize)
-        ends = np.append(starts[1:], m)
-        run_kinds = kinds[starts]
-        # fmt.anomalies() checks the first entry of every run and every non-zero empty entry:
-        # within a leaf run raws step exactly by the entry size, so the run's other entries
-        # hold the same bits; table runs are checked entry by entry in _tables(). Entries made
-        # of output-address and key bits only, whose key was found clean before, are clean.
-        check = starts[kinds[starts] != _EMPTY]
-        odd = (kinds == _EMPTY) & (raws != 0)
-        if oas is not None and m > 1:  # slow path: runs joined by output address only
-            d, do = raws[1:] - raws[:-1], oas[1:] - oas[:-1]
-            odd[1:] |= (kinds[1:] == _LEAF) & (d != do) & (d != np.uint64(0) - do)
-        if odd.any():
-            check = np.union1d(check, np.flatnonzero(odd))
-        self._check(raws, check, full_keys, level, pas, i0, base, esize,
-                    oas[check] if oas is not None else None)
-        start_oas = oas[starts] if oas is not None else fmt.oas(raws[starts], level)
-        run_keys = full_keys[starts]
+        runs = None
+        if i0 == 0 and i1 == total and len(tables) >= 4:
+            runs = self._runs_of_copies(tables, pas, level, esize)
+        if runs is None:
+            runs = self._runs_of_batch(tables, pas, level, base, esize, i0, i1)
+        raws, full_keys, starts, ends, run_kinds, run_keys, run_raws, start_oas = runs
         here = None  # tables a child may not point to: the path so far and this batch
         cache: dict[int, tuple[Entry, Attrs, int]] = {}  # leaf key -> decoded, effective
         offset = self._offset
@@ -468,18 +489,19 @@ class Walker:
         def loop(a: int, b: int) -> None:
             """Emit runs a..b-1 one by one (tables, clipping, holes, short stretches)."""
             nonlocal here
-            for s, e, kind, key_raw, pa in zip(
+            for s, e, kind, key_raw, raw, pa in zip(
                     starts[a:b].tolist(), ends[a:b].tolist(), run_kinds[a:b].tolist(),
-                    run_keys[a:b].tolist(), start_oas[a:b].tolist(), strict=True):
+                    run_keys[a:b].tolist(), run_raws[a:b].tolist(), start_oas[a:b].tolist(),
+                    strict=True):
                 low = base + (i0 + s) * esize
                 if kind == _LEAF:
                     hit = cache.get(key_raw)
                     if hit is None:  # equal attr keys decode to equal Attrs: decode once per key
-                        hit = cache[key_raw] = self._decode_leaf(int(raws[s]), level, ctx)
+                        hit = cache[key_raw] = self._decode_leaf(raw, level, ctx)
                     entry, attrs, cmp = hit
                     if entry.kind is not Kind.LEAF:  # the format's kinds() and decode() disagree
                         gi = i0 + s
-                        self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, int(raws[s]),
+                        self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, raw,
                                       f"kinds() says leaf, decode() says {entry.kind.name}")
                         self._hole(low, e - s, level, lo, hi)
                         continue
@@ -490,7 +512,7 @@ class Walker:
                     size = count * esize
                     if self.check_oa and entry.attrs.present and not self.mem.contains(pa, size):
                         gi = i0 + s
-                        self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, int(raws[s]),
+                        self._anomaly(low, level, pas[gi // n] + (gi % n) * 8, raw,
                                       f"leaf output range {pa:#x}+{size:#x} outside memory")
                     if lo <= low and low + size <= hi:  # not clipped: the common case, inlined
                         o = self._open
@@ -526,19 +548,118 @@ class Walker:
         for t in [*np.flatnonzero(run_kinds == _TABLE).tolist(), nruns]:
             if t - prev < _BLOCK_MIN or not self._emit_block(
                     starts[prev:t], ends[prev:t], run_kinds[prev:t], run_keys[prev:t],
-                    start_oas[prev:t], raws, level, ctx, base + i0 * esize, esize, cache):
+                    start_oas[prev:t], run_raws[prev:t], level, ctx, base + i0 * esize, esize,
+                    cache):
                 loop(prev, t)
             loop(t, t + 1)  # the table run (nothing past the end)
             prev = t + 1
+
+    def _runs_of_batch(self, tables: list[np.ndarray], pas: list[int], level: int, base: int,
+                       esize: int, i0: int, i1: int) -> tuple:
+        """Runs of entries i0..i1-1 of the concatenated ``tables``, their anomalies recorded:
+        (raws, attr keys, run starts, run ends, and the kinds, keys, raws and output addresses
+        of the entries at the run starts)."""
+        fmt = self.fmt
+        raws_all = tables[0] if len(tables) == 1 else np.concatenate(tables)
+        raws = np.asarray(raws_all[i0:i1], dtype=np.uint64)
+        m = raws.size
+        kinds = np.asarray(fmt.kinds(raws, level), dtype=np.uint8)
+        keys = full_keys = np.asarray(fmt.attr_keys(raws, level), dtype=np.uint64)
+        if self._ad:
+            keys = keys & ~self._ad
+        starts, oas = self._runs_of(raws, kinds, keys, level, esize)
+        # fmt.anomalies() checks the first entry of every run and every non-zero empty entry:
+        # within a leaf run raws step exactly by the entry size, so the run's other entries
+        # hold the same bits; table runs are checked entry by entry in _tables(). Entries made
+        # of output-address and key bits only, whose key was found clean before, are clean.
+        check = starts[kinds[starts] != _EMPTY]
+        odd = (kinds == _EMPTY) & (raws != 0)
+        if oas is not None and m > 1:  # slow path: runs joined by output address only
+            d, do = raws[1:] - raws[:-1], oas[1:] - oas[:-1]
+            odd[1:] |= (kinds[1:] == _LEAF) & (d != do) & (d != np.uint64(0) - do)
+        if odd.any():
+            check = np.union1d(check, np.flatnonzero(odd))
+        self._check(raws, check, full_keys, level, pas, i0, base, esize,
+                    oas[check] if oas is not None else None)
+        start_oas = oas[starts] if oas is not None else fmt.oas(raws[starts], level)
+        return (raws, full_keys, starts, np.append(starts[1:], m), kinds[starts],
+                full_keys[starts], raws[starts], start_oas)
+
+    def _runs_of_copies(self, tables: list[np.ndarray], pas: list[int], level: int,
+                        esize: int) -> tuple | None:
+        """:meth:`_runs_of_batch` for a batch made of a few distinct tables repeated (x86's
+        ESPFIX area maps one pte table from thousands of pmd entries): each distinct table
+        is analysed once and the batch's runs assembled from its runs, joined across table
+        boundaries. None (use the direct analysis) if not worth it, or if a distinct table
+        holds table entries or anything the anomaly check reports."""
+        index: dict[int, int] = {}
+        which = [index.setdefault(pa, len(index)) for pa in pas]
+        if len(index) * 4 > len(pas):
+            return None
+        fmt = self.fmt
+        n = fmt.entries(level)
+        distinct: list[np.ndarray | None] = [None] * len(index)
+        for table, u in zip(tables, which, strict=True):
+            if distinct[u] is None:
+                distinct[u] = table
+        parts, edges = [], []
+        for pa, u in index.items():
+            raws = np.asarray(distinct[u], dtype=np.uint64)
+            kinds = np.asarray(fmt.kinds(raws, level), dtype=np.uint8)
+            if (kinds == _TABLE).any():
+                return None
+            fkeys = np.asarray(fmt.attr_keys(raws, level), dtype=np.uint64)
+            keys = fkeys & ~self._ad if self._ad else fkeys
+            starts, oas = self._runs_of(raws, kinds, keys, level, esize)
+            if oas is not None:
+                return None
+            check = np.union1d(starts[kinds[starts] != _EMPTY],
+                               np.flatnonzero((kinds == _EMPTY) & (raws != 0)))
+            mark = len(self.anomalies)
+            self._check(raws, check, fkeys, level, [pa], 0, 0, esize)
+            if len(self.anomalies) > mark:  # the direct analysis reports it at every copy
+                del self.anomalies[mark:]
+                return None
+            parts.append((starts, kinds[starts], fkeys[starts], raws[starts],
+                          fmt.oas(raws[starts], level)))
+            first_last = fmt.oas(raws[[0, n - 1]], level).tolist()
+            edges.append(((int(kinds[0]), int(keys[0]), first_last[0]),
+                          (int(kinds[-1]), int(keys[-1]), first_last[1])))
+        # the batch's run list: every table's runs, in table order, shifted to its position
+        w = np.array(which, dtype=np.intp)
+        sizes = np.array([p[0].size for p in parts], dtype=np.intp)
+        count = sizes[w]
+        first = np.concatenate(([0], np.cumsum(count)[:-1]))  # first run of each table
+        at = np.concatenate(([0], np.cumsum(sizes)[:-1]))  # of each distinct table in ``cat``
+        flat = np.arange(int(count.sum()), dtype=np.intp) + np.repeat(at[w] - first, count)
+        cat = [np.concatenate([p[f] for p in parts])[flat] for f in range(5)]
+        cat[0] = cat[0] + np.repeat(np.arange(len(pas), dtype=np.intp) * n, count)
+        # a table's first run continues the previous table's last run when the direct
+        # analysis would have joined them: same kind and, for leaves, equal keys and
+        # contiguous output addresses
+        joins: dict[tuple[int, int], bool] = {}
+        keep = np.ones(flat.size, dtype=bool)
+        for j in range(1, len(pas)):
+            pair = (which[j - 1], which[j])
+            join = joins.get(pair)
+            if join is None:
+                (kl, keyl, oal), (kf, keyf, oaf) = edges[pair[0]][1], edges[pair[1]][0]
+                join = joins[pair] = kl == kf and (kl == _EMPTY or (
+                    kl == _LEAF and keyl == keyf and oaf == oal + esize))
+            if join:
+                keep[first[j]] = False
+        starts, run_kinds, run_keys, run_raws, start_oas = (c[keep] for c in cat)
+        return (None, None, starts, np.append(starts[1:], len(pas) * n), run_kinds, run_keys,
+                run_raws, start_oas)
 
     def _emit_block(self, starts: np.ndarray, ends: np.ndarray, kinds: np.ndarray,
                     keys: np.ndarray, oas: np.ndarray, raws: np.ndarray, level: int,
                     ctx: tuple[Attrs, ...], base: int, esize: int,
                     cache: dict[int, tuple[Entry, Attrs, int]]) -> bool:
         """Emit a stretch of leaf and empty runs (no tables, nothing clipped, no holes wanted)
-        with numpy, with exactly the per-run loop's result. ``starts``/``ends`` index ``raws``,
-        whose entry 0 maps low VA ``base``. False (nothing emitted) if a leaf key does not
-        decode to a leaf: the per-run loop reports that."""
+        with numpy, with exactly the per-run loop's result. ``starts``/``ends`` are entry
+        indices from low VA ``base``; ``raws`` holds each run's first entry. False (nothing
+        emitted) if a leaf key does not decode to a leaf: the per-run loop reports that."""
         leaf_runs = np.flatnonzero(kinds == _LEAF)
         ukeys, first, inv = np.unique(keys[leaf_runs], return_index=True, return_inverse=True)
         nk = ukeys.size
@@ -549,8 +670,7 @@ class Walker:
         for j, (key, f) in enumerate(zip(ukeys.tolist(), first.tolist(), strict=True)):
             hit = cache.get(key)
             if hit is None:
-                raw = int(raws[starts[leaf_runs[f]]])
-                hit = cache[key] = self._decode_leaf(raw, level, ctx)
+                hit = cache[key] = self._decode_leaf(int(raws[leaf_runs[f]]), level, ctx)
             entry, attrs, cmp = hit
             if entry.kind is not Kind.LEAF:
                 return False
@@ -571,33 +691,42 @@ class Walker:
         join = ((ei[1:] == ei[:-1] + 1) & (pa[1:] == pa[:-1] + size[:-1].astype(np.uint64))
                 & (cmp[1:] == cmp[:-1]))
         heads = np.flatnonzero(np.concatenate(([True], ~join)))
-        g_va, g_pa, g_cmp = va[heads].tolist(), pa[heads].tolist(), cmp[heads].tolist()
-        g_size = np.add.reduceat(size, heads).tolist()
-        g_count = np.add.reduceat(count, heads).tolist()
+        g_size = np.add.reduceat(size, heads)
+        g_count = np.add.reduceat(count, heads)
         g_key = key_of[ei[heads]]
-        g_attrs, g_own = attrs_k[g_key].tolist(), own_k[g_key].tolist()
+        g_va, g_pa, g_cmp = va[heads], pa[heads], cmp[heads]
+        ng = len(heads)
+
+        def group(k: int) -> list:  # one group as an open run
+            return [int(g_va[k]), int(g_pa[k]), int(g_size[k]), esize, level,
+                    attrs_k[g_key[k]], int(g_count[k]), Kind.LEAF, int(g_cmp[k]),
+                    own_k[g_key[k]]]
+
         o, first_g = self._open, 0
-        if (o is not None and ei[0] == 0 and o[8] == g_cmp[0] and o[0] + o[2] == g_va[0]
-                and o[1] + o[2] == g_pa[0] and o[4] == level and o[7] is Kind.LEAF):
-            o[2] += g_size[0]  # the first group extends the open run
-            o[6] += g_count[0]
+        head = group(0)
+        if (o is not None and ei[0] == 0 and o[8] == head[8] and o[0] + o[2] == head[0]
+                and o[1] + o[2] == head[1] and o[4] == level and o[7] is Kind.LEAF):
+            o[2] += head[2]  # the first group extends the open run
+            o[6] += head[6]
             first_g = 1
-            if len(heads) > 1:
+            if ng > 1:
                 self._flush()
         else:
             self._flush()
-        ng = len(heads)
         keep_open = ei[-1] == kinds.size - 1  # ends in a shown leaf: a later one may join it
         last = ng - 1 if keep_open else ng
-        if last > first_g:
-            self._out.extend(zip(g_va[first_g:last], g_size[first_g:last], g_pa[first_g:last],
-                                 repeat(esize), repeat(level), g_attrs[first_g:last],
-                                 g_count[first_g:last], repeat(Kind.LEAF), g_own[first_g:last]))
+        if last - first_g > 8:
+            k = slice(first_g, last)
+            self._out.append(RunBlock(g_va[k], g_size[k], g_pa[k], esize, level,
+                                      attrs_k[g_key[k]], g_count[k], own_k[g_key[k]]))
+        else:
+            for j in range(first_g, last):
+                o = group(j)
+                self._out.append((o[0], o[2], o[1], o[3], o[4], o[5], o[6], o[7], o[9]))
         if not keep_open:
             self._flush()
         elif ng - 1 >= first_g:
-            self._open = [g_va[-1], g_pa[-1], g_size[-1], esize, level, g_attrs[-1],
-                          g_count[-1], Kind.LEAF, g_cmp[-1], g_own[-1]]
+            self._open = group(ng - 1)
         return True
 
     def _runs_of(self, raws: np.ndarray, kinds: np.ndarray, keys: np.ndarray, level: int,

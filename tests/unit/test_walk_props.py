@@ -152,3 +152,46 @@ def test_vectorised_emission_equals_the_per_run_loop(monkeypatch_module, fmt, ma
             w = walk.Walker(fmt, b.mem, b.root, **kw)
             results.append((list(w.runs(*rng)), w.anomalies))
     assert results[0] == results[2] and results[1] == results[3]
+
+
+table_content = st.lists(st.tuples(st.integers(0, 511), st.integers(1, 512), attr_choice,
+                                   st.integers(0, 1)), min_size=1, max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=st.sampled_from(FORMATS[:2] + FORMATS[2:3]),
+       contents=st.lists(table_content, min_size=1, max_size=3),
+       pattern=st.lists(st.integers(0, 2), min_size=4, max_size=40),
+       garbage=st.booleans(), nonpresent=st.booleans(),
+       kw=st.sampled_from([{}, {"ignore_ad": True}, {"include_holes": True}]))
+def test_repeated_tables_walk_like_distinct_ones(monkeypatch_module, fmt, contents, pattern,
+                                                 garbage, nonpresent, kw):
+    """A batch of a few pte tables repeated many times (x86's ESPFIX area) is analysed once
+    per distinct table; the runs and anomalies must be those of the direct analysis."""
+    b = TableBuilder(fmt)
+    g, span = fmt.page_sizes()[0], fmt.entry_size(1)
+    n = fmt.entries(0)
+    va0 = fmt.va_ranges()[-1][0]
+    templates = []
+    for t, maps in enumerate(contents):  # template tables at the first pmd slots
+        for slot, count, name, jump in maps:
+            slot = slot % n
+            b.map(va0 + t * span + slot * g, 0x4000_0000 + t * span + slot * g + jump * span,
+                  min(count, n - slot) * g, attrs_of(fmt, name))
+        if nonpresent:
+            raw = fmt.leaf(0x7000_0000, attrs_of(fmt, "rw").with_(present=False), 0)
+            b.set_raw(va0 + t * span + (n - 1) * g, 0, raw)
+        if garbage and t == 0:  # a non-zero empty entry: an anomaly at every copy
+            b.mem.write_u64(b.entry_pa(va0 + 3 * g, 0), 0x2)
+        templates.append(b.mem.read_u64(b.entry_pa(va0 + t * span, 1)))
+    for j, which in enumerate(pattern):  # the copies, in the next pmd table
+        b.mem.write_u64(b.entry_pa(va0 + fmt.entry_size(2) + j * span, 1),
+                        templates[which % len(templates)])
+    results = []
+    for copies in (True, False):
+        if not copies:
+            monkeypatch_module.setattr(walk.Walker, "_runs_of_copies", lambda *a: None)
+        w = walk.Walker(fmt, b.mem, b.root, **kw)
+        results.append((list(w.runs()), w.anomalies))
+    monkeypatch_module.undo()
+    assert results[0] == results[1]
