@@ -457,31 +457,9 @@ class ProfileChecks:
 
 
 
-@pytest.mark.profile("x86_64")
-@pytest.mark.xdist_group("x86_64")
-class TestX86_64(ProfileChecks):
-    profile = "x86_64"
-
-
-@pytest.mark.profile("x86_64-la57")
-@pytest.mark.xdist_group("x86_64-la57")
-class TestX86_64La57(ProfileChecks):
-    profile = "x86_64-la57"
-
-
-@pytest.mark.profile("x86_64-pti")
-@pytest.mark.xdist_group("x86_64-pti")
-class TestX86_64Pti(ProfileChecks):
-    profile = "x86_64-pti"
-
-
-@pytest.mark.profile("arm64")
-@pytest.mark.xdist_group("arm64")
-class TestArm64(ProfileChecks):
-    profile = "arm64"
-
-
-@pytest.mark.profile("arm64-kpti")
-@pytest.mark.xdist_group("arm64-kpti")
-class TestArm64Kpti(ProfileChecks):
-    profile = "arm64-kpti"
+# One class per profile, so that ``--dist loadscope`` keeps a profile's checks on one worker.
+CLASSES = {"TestX86_64": "x86_64", "TestX86_64La57": "x86_64-la57", "TestX86_64Pti": "x86_64-pti",
+           "TestArm64": "arm64", "TestArm64Kpti": "arm64-kpti"}
+for _name, _profile in CLASSES.items():
+    globals()[_name] = pytest.mark.profile(_profile)(
+        type(_name, (ProfileChecks,), {"profile": _profile}))

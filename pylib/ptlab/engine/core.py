@@ -139,6 +139,26 @@ class TableCore:
             ent = cache[raw] = self.fmt.decode(raw, level)
         return ent
 
+    def _entry_at(self, tx: Txn, va: int, level: int, op: str, wanted: str
+                  ) -> tuple[int, int, int, Entry]:
+        """(low VA, table PA, index, entry) of the entry at ``level`` (1..top) covering
+        ``va``, reached through table entries only; EngineError ("``op`` level must be",
+        "no ``wanted`` at level") otherwise."""
+        if not isinstance(level, int) or not 1 <= level <= self.top:
+            raise EngineError(f"{op} level must be 1..{self.top}, got {level!r}")
+        lo, _ = self._span(va, 1 << self.fmt.page_shift, 1)
+        tpa, lvl = self.root, self.top
+        while True:
+            idx = (lo >> self._sh[lvl]) & (self._n[lvl] - 1)
+            ent = self._entry(tx, tpa, lvl, idx)
+            if lvl == level:
+                return lo, tpa, idx, ent
+            if ent.kind is not Kind.TABLE:
+                what = "a leaf" if ent.kind is Kind.LEAF else "nothing"
+                raise EngineError(
+                    f"VA {va:#x}: {what} at level {lvl}, no {wanted} at level {level}")
+            tpa, lvl = self._child(ent, lvl, lo), lvl - 1
+
     def _child(self, ent: Entry, level: int, lo: int) -> int:
         if not ent.attrs.present:
             raise EngineError(

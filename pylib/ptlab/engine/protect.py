@@ -197,21 +197,12 @@ class ProtectOps(TableCore):
         """Give the table entry at ``level`` covering ``va`` the restrictions ``attrs``
         (x86 NX/RW/US on an upper entry, e.g. KPTI's ``pti_set_user_pgtbl`` NX on the kernel
         copy; arm64 APTable/PXNTable/UXNTable). The entry keeps pointing to the same table."""
-        if not isinstance(level, int) or not 1 <= level <= self.top:
-            raise EngineError(f"table level must be 1..{self.top}, got {level!r}")
         if not isinstance(attrs, Attrs):
             raise EngineError(f"attrs must be an Attrs, got {type(attrs).__name__}")
-        lo, _ = self._span(va, 1 << self.fmt.page_shift, 1)
         tx = Txn(self)
-        tpa, lvl = self.root, self.top
-        while True:
-            idx = (lo >> self._sh[lvl]) & (self._n[lvl] - 1)
-            ent = self._entry(tx, tpa, lvl, idx)
-            if ent.kind is not Kind.TABLE:
-                raise EngineError(f"VA {va:#x}: no table entry at level {lvl}")
-            if lvl == level:
-                break
-            tpa, lvl = self._child(ent, lvl, lo), lvl - 1
+        lo, tpa, idx, ent = self._entry_at(tx, va, level, "table", "table entry")
+        if ent.kind is not Kind.TABLE:
+            raise EngineError(f"VA {va:#x}: no table entry at level {level}")
         raw = self.fmt.table(ent.oa, level, self.fmt.normalize(attrs, Kind.TABLE))
         if raw != int(tx.read(tpa, self._n[level])[idx]):
             tx.write(tpa, self._n[level])[idx] = raw

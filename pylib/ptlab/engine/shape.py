@@ -17,23 +17,11 @@ class ShapeOps(TableCore):
     def split(self, va: int, level: int) -> None:
         """Split the huge leaf at ``level`` mapping ``va`` into a table of next-level leaves
         with the same attributes (``split_large_page``)."""
-        if not isinstance(level, int) or not 1 <= level <= self.top:
-            raise EngineError(f"split level must be 1..{self.top}, got {level!r}")
-        lo, _ = self._span(va, 1 << self.fmt.page_shift, 1)
         tx = Txn(self)
-        tpa, lvl = self.root, self.top
-        while True:
-            idx = (lo >> self._sh[lvl]) & (self._n[lvl] - 1)
-            ent = self._entry(tx, tpa, lvl, idx)
-            if lvl == level:
-                if ent.kind is not Kind.LEAF:
-                    raise EngineError(f"VA {va:#x}: no leaf at level {level} to split")
-                self._split(tx, tpa, idx, lvl, lo >> self._sh[lvl] << self._sh[lvl], ent)
-                break
-            if ent.kind is not Kind.TABLE:
-                what = "a leaf" if ent.kind is Kind.LEAF else "nothing"
-                raise EngineError(f"VA {va:#x}: {what} at level {lvl}, no leaf at level {level}")
-            tpa, lvl = self._child(ent, lvl, lo), lvl - 1
+        lo, tpa, idx, ent = self._entry_at(tx, va, level, "split", "leaf")
+        if ent.kind is not Kind.LEAF:
+            raise EngineError(f"VA {va:#x}: no leaf at level {level} to split")
+        self._split(tx, tpa, idx, level, lo >> self._sh[level] << self._sh[level], ent)
         self._finish(tx)
 
     def collapse(self, va: int, size: int) -> int:
