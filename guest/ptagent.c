@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ptinit.h"
+
 #ifndef SYS_memfd_secret
 #define SYS_memfd_secret 447
 #endif
@@ -1019,6 +1021,9 @@ print:
 int main(int argc, char **argv)
 {
     struct out o = {0};
+    const char *base = argc > 0 ? strrchr(argv[0], '/') : NULL;
+    if (base && !strcmp(base, "/init") && getpid() == 1)
+        return ptinit_main(); /* the kernel runs /init, a symlink to this binary */
     if (argc < 2) {
         fail(&o, EINVAL, "usage: ptagent CMD [ARGS...] (commands: see PROTOCOL.md)");
     } else if (!strcmp(argv[1], "serve")) {

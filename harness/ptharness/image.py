@@ -88,7 +88,8 @@ def recipe_hash(arch: str) -> str:
     h = hashlib.sha256(f"recipe {RECIPE_VERSION} {arch}\n".encode())
     files = sorted((IMAGES / "rootfs").rglob("*")) + [
         IMAGES / f"modules-{arch}.txt", IMAGES / f"packages-{arch}.txt",
-        GUEST_SRC / "ptagent.c", GUEST_SRC / "Makefile",
+        GUEST_SRC / "ptagent.c", GUEST_SRC / "ptinit.c", GUEST_SRC / "ptinit.h",
+        GUEST_SRC / "Makefile",
         *sorted(f for f in Path(__file__).parent.glob("image*.py")
                 if f.name != "image_smoke.py"),
     ]
@@ -332,7 +333,7 @@ def _initramfs(out: Path, *, recipe: ArchRecipe, userland: Path, agent: Path, ho
             if src.is_dir():
                 t.dir(rel)
             else:
-                perm = 0o755 if rel == "init" else 0o600 if rel == "etc/shadow" else 0o644
+                perm = 0o600 if rel == "etc/shadow" else 0o644
                 t.file(rel, src.read_bytes(), perm)
         t.file("bin/busybox", busybox.read_bytes(), 0o755)
         t.symlink("bin/sh", "busybox")
@@ -340,6 +341,7 @@ def _initramfs(out: Path, *, recipe: ArchRecipe, userland: Path, agent: Path, ho
         for guest_path, host in sorted(libs.items()):
             t.file(guest_path, host.read_bytes(), 0o755)
         t.file("bin/ptagent", agent.read_bytes(), 0o755)
+        t.symlink("init", "/bin/ptagent")  # ptagent runs as /init (guest/ptinit.c)
         t.file("etc/dropbear/host_key", host_key.read_bytes(), 0o600)
         t.file("etc/ptlab/kernel_version", f"{kver}\n".encode())
         t.file("etc/ptlab/modules", "".join(f"{m.relpath}\n" for m in order).encode())
