@@ -14,6 +14,7 @@ from ptlab.formats.base import Kind
 from ptlab.formats.x86 import X86_64
 from ptlab.testing import ARM64_PAGE_KERNEL, X86_PAGE_KERNEL, TableBuilder
 from ptlab.walk import translate, walk_runs
+from ptlab.walk import walker as walker_module
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_vectorised_emission_equals_the_per_run_loop(monkeypatch_module, fmt, ma
     lo, hi = start + clip * g, start + SLOTS * g
     results = []
     for block_min in (2, 10**9):
-        monkeypatch_module.setattr(walk, "_BLOCK_MIN", block_min)
+        monkeypatch_module.setattr(walker_module, "_BLOCK_MIN", block_min)
         for rng in ((None, None), (lo, hi)):
             w = walk.Walker(fmt, b.mem, b.root, **kw)
             results.append((list(w.runs(*rng)), w.anomalies))

@@ -1,13 +1,14 @@
-"""The one walker: translate a VA with a full trace, iterate leaf runs over a VA range.
+"""Leaf-run iteration over one root: :class:`Walker`, what ptdump prints (mm/ptdump.c,
+arch/x86/mm/dump_pagetables.c).
 
-Works on any :class:`~ptlab.memory.PhysMemory` and any :class:`~ptlab.formats.Format`.
-:meth:`Walker.runs` is what ptdump prints (mm/ptdump.c, arch/x86/mm/dump_pagetables.c): it
-reads whole tables, classifies them with the format's vectorised helpers (kinds, attr keys;
+It reads whole tables, classifies them with the format's vectorised helpers (kinds, attr keys;
 leaf contiguity from the raw entries, checked with ``oas`` at run ends) and decodes only the
 first entry of each run, once per distinct attr key. Consecutive table entries of one table with
 equal attributes are walked as one batch: their child tables are concatenated into one
 VA-contiguous array (up to 512 tables), so a linear map of 512 pte tables is scanned in one
-numpy pass and an open run carries across table boundaries.
+numpy pass and an open run carries across table boundaries. A batch of a few distinct tables
+repeated many times (x86's ESPFIX area) is analysed once per distinct table, and long
+stretches of leaf runs are emitted as numpy columns (:class:`RunBlock`).
 
 Garbage never hangs or crashes the walk: a table entry pointing to a table already on its walk
 path (itself, an ancestor, a sibling of its parent) is a cycle; a table outside memory, a read
@@ -18,283 +19,27 @@ error, a malformed entry (``Format.anomalies``) and an exhausted table budget ar
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from itertools import chain, repeat, starmap
-from typing import overload
+from collections.abc import Iterator
 
 import numpy as np
 
-from .formats.base import Attrs, Entry, Format, Kind, combine
-from .memory.base import MemoryError_, PhysMemory
+from ..formats.base import Attrs, Entry, Format, Kind, combine
+from ..memory.base import MemoryError_, PhysMemory
+from .runs import HOLE_ATTRS, Anomaly, Run, RunBlock, RunRow, RunTable
+from .trace import U64 as _U64
+from .trace import check_int as _check_int
+from .trace import low_va as _low
 
-__all__ = [
-    "HOLE_ATTRS", "Anomaly", "Run", "RunBlock", "RunTable", "Step", "Trace", "Walker", "level_name",
-    "translate", "walk_runs",
-]
+__all__ = ["DEFAULT_MAX_TABLES", "Walker", "walk_runs"]
 
-HOLE_ATTRS = Attrs(present=False)  # attrs of a hole run (no entry at all)
 DEFAULT_MAX_TABLES = 1 << 18  # 1 GiB of 4K tables: far more than any real kernel holds
 _CHUNK = 512  # tables scanned in one numpy pass (bounds the temporary array: 2 MiB of 4K tables)
 _BLOCK_MIN = 16  # table-free stretches of at least this many runs are emitted vectorised
-
-_U64 = (1 << 64) - 1
 _EMPTY, _TABLE, _LEAF = int(Kind.EMPTY), int(Kind.TABLE), int(Kind.LEAF)
-_GENERIC_NAMES = {
-    1: ("pgd",),
-    2: ("pte", "pgd"),
-    3: ("pte", "pmd", "pgd"),
-    4: ("pte", "pmd", "pud", "pgd"),
-    5: ("pte", "pmd", "pud", "p4d", "pgd"),
-}
-
-
-def level_name(fmt: Format, level: int) -> str:
-    """The kernel's name of ``level`` in ``fmt`` (pte, pmd, pud, p4d, pgd)."""
-    named = getattr(fmt, "level_name", None)
-    if named is not None:
-        return named(level)
-    names = _GENERIC_NAMES.get(fmt.levels)
-    return names[level] if names and 0 <= level < len(names) else f"level{level}"
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One level of a translation: the entry read at ``entry_pa`` of the table at ``table_pa``."""
-
-    level: int
-    table_pa: int
-    index: int
-    entry_pa: int
-    raw: int
-    entry: Entry
-
-
-@dataclass(slots=True)
-class Trace:
-    """Result of :func:`translate`.
-
-    ``fault`` is None when ``va`` is mapped by a present leaf; otherwise it says why not
-    ("not present at pmd", "non-canonical", "cycle at pud", "table outside memory at pmd",
-    "not present" for a non-present leaf, whose ``pa``/``attrs`` are still filled in).
-    ``notes`` holds the format's anomaly reasons for entries on the path.
-    """
-
-    va: int
-    steps: list[Step]
-    pa: int | None = None
-    page_size: int | None = None
-    level: int | None = None
-    attrs: Attrs | None = None  # effective: combine() of the table path and the leaf
-    fault: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def mapped(self) -> bool:
-        return self.fault is None
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """A VA range of leaves with equal effective attrs and page size, contiguous in PA.
-
-    With ``Walker(include_holes=True)`` a run may also be a hole: ``kind`` EMPTY, ``level`` the
-    level of the empty entries, ``page_size`` their entry size, ``pa`` 0, ``attrs`` HOLE_ATTRS.
-    With ``Walker(own_attrs=True)`` runs also split where the leaves' own attrs differ (a table
-    entry's restriction can make them differ from the effective ``attrs``) and ``own`` holds them.
-    """
-
-    va: int
-    size: int
-    pa: int
-    page_size: int
-    level: int
-    attrs: Attrs
-    count: int
-    kind: Kind = Kind.LEAF
-    own: Attrs | None = None  # the leaves' own attrs (Walker(own_attrs=True) only)
-
-    @property
-    def end(self) -> int:
-        return self.va + self.size
-
-
-@dataclass(frozen=True, slots=True)
-class Anomaly:
-    """A malformed or unusable entry met by the walk (``reason`` says which and why)."""
-
-    va: int
-    level: int
-    entry_pa: int
-    raw: int
-    reason: str
-
-
-_RUN_SET = tuple(getattr(Run, f).__set__ for f in
-                 ("va", "size", "pa", "page_size", "level", "attrs", "count", "kind", "own"))
-
-
-def _make_run(va: int, size: int, pa: int, page_size: int, level: int, attrs: Attrs,
-              count: int, kind: Kind, own: Attrs | None, _new=object.__new__,
-              _s=_RUN_SET) -> Run:
-    """Run(...) without the frozen dataclass __init__ (about twice as fast; hot path)."""
-    r = _new(Run)
-    _s[0](r, va)
-    _s[1](r, size)
-    _s[2](r, pa)
-    _s[3](r, page_size)
-    _s[4](r, level)
-    _s[5](r, attrs)
-    _s[6](r, count)
-    _s[7](r, kind)
-    _s[8](r, own)
-    return r
-
-
-RunRow = tuple[int, int, int, int, int, Attrs, int, Kind, "Attrs | None"]
-
-
-class RunBlock:
-    """Consecutive leaf runs of one page size and level, held as numpy columns (the
-    vectorised part of a walk); rows are made from them on access."""
-
-    __slots__ = ("attrs", "count", "level", "own", "pa", "page_size", "size", "va")
-
-    def __init__(self, va: np.ndarray, size: np.ndarray, pa: np.ndarray, page_size: int,
-                 level: int, attrs: np.ndarray, count: np.ndarray, own: np.ndarray) -> None:
-        self.va, self.size, self.pa, self.count = va, size, pa, count
-        self.page_size, self.level, self.attrs, self.own = page_size, level, attrs, own
-
-    def __len__(self) -> int:
-        return self.va.size
-
-    def rows(self) -> Iterator[RunRow]:
-        return zip(self.va.tolist(), self.size.tolist(), self.pa.tolist(),
-                   repeat(self.page_size), repeat(self.level), self.attrs.tolist(),
-                   self.count.tolist(), repeat(Kind.LEAF), self.own.tolist())
-
-
-class RunTable(Sequence[Run]):
-    """The runs of one walk, in VA order, held as rows (va, size, pa, page_size, level, attrs,
-    count, kind, own) and :class:`RunBlock` columns; :class:`Run` objects are built on
-    access, so a walk that yields tens of thousands of runs (x86's ESPFIX aliases) does not
-    pay for objects nobody looks at."""
-
-    __slots__ = ("_items", "_len", "_rows")
-
-    def __init__(self, items: list[RunRow | RunBlock]) -> None:
-        self._items = items
-        self._rows: list[RunRow] | None = None
-        self._len = sum(len(i) if isinstance(i, RunBlock) else 1 for i in items)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def rows(self) -> Iterator[RunRow]:
-        """Every run as a row tuple, in VA order."""
-        if self._rows is not None:
-            return iter(self._rows)
-        return chain.from_iterable(i.rows() if isinstance(i, RunBlock) else (i,)
-                                   for i in self._items)
-
-    def _all_rows(self) -> list[RunRow]:
-        if self._rows is None:
-            self._rows = list(self.rows())
-        return self._rows
-
-    @overload
-    def __getitem__(self, i: int) -> Run: ...
-    @overload
-    def __getitem__(self, i: slice) -> RunTable: ...
-    def __getitem__(self, i: int | slice) -> Run | RunTable:
-        if isinstance(i, slice):
-            return RunTable(self._all_rows()[i])
-        return _make_run(*self._all_rows()[i])
-
-    def __iter__(self) -> Iterator[Run]:
-        return starmap(_make_run, self.rows())
-
-    def column(self, name: str) -> np.ndarray:
-        """One numeric field of every run (va, size, pa, page_size, level or count) as uint64."""
-        fields = ("va", "size", "pa", "page_size", "level", "attrs", "count")
-        if name not in fields or name == "attrs":
-            raise ValueError(f"no numeric run field {name!r}")
-        at = fields.index(name)
-        return np.fromiter((r[at] for r in self.rows()), dtype=np.uint64, count=self._len)
-
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} {value:#x} is outside {lo:#x}..{hi:#x}")
-    return value
-
-
-def _low(fmt: Format, va: int) -> int:
-    return va & (fmt.va_span - 1)
-
-
-def translate(fmt: Format, mem: PhysMemory, root: int, va: int) -> Trace:
-    """Walk ``va`` from the root table at ``root``, recording the entry read at every level."""
-    va = _check_int("va", va, 0, _U64)
-    root = _check_int("root", root, 0, _U64)
-    trace = Trace(va=va, steps=[])
-    if not fmt.covers(va):
-        trace.fault = "non-canonical" if fmt.arch == "x86_64" else "outside this root's VA range"
-        return trace
-    low = _low(fmt, va)
-    table_pa, path, seen = root, [], {root}
-    for level in range(fmt.top_level, -1, -1):
-        name = level_name(fmt, level)
-        n = fmt.entries(level)
-        index = fmt.index(low, level)
-        entry_pa = table_pa + index * 8
-        if not mem.contains(table_pa, n * 8):
-            trace.fault = f"table outside memory at {name}"
-            return trace
-        try:
-            raw = mem.read_u64(entry_pa)
-        except MemoryError_ as exc:
-            trace.fault = f"table outside memory at {name} ({exc})"
-            return trace
-        entry = fmt.decode(raw, level)
-        trace.steps.append(Step(level, table_pa, index, entry_pa, raw, entry))
-        trace.notes.extend(f"{name}: {r}" for r in fmt.anomalies(raw, level))
-        if entry.kind is Kind.EMPTY:
-            trace.fault = f"not present at {name}"
-            return trace
-        if entry.kind is Kind.TABLE:
-            if level == 0:
-                trace.fault = f"table entry at {name}"
-                return trace
-            if not entry.attrs.present:
-                trace.fault = f"not present at {name}"
-                return trace
-            if entry.oa in seen:
-                trace.fault = f"cycle at {name}"
-                return trace
-            if not mem.contains(entry.oa, fmt.entries(level - 1) * 8):
-                trace.fault = f"table outside memory at {level_name(fmt, level - 1)}"
-                return trace
-            path.append(entry.attrs)
-            seen.add(entry.oa)
-            table_pa = entry.oa
-            continue
-        size = fmt.entry_size(level)
-        trace.pa = entry.oa + (low & (size - 1))
-        trace.page_size, trace.level = size, level
-        trace.attrs = combine(path, entry.attrs)
-        if not entry.attrs.present:
-            trace.fault = "not present"
-        return trace
-    trace.fault = "no leaf below the last level"  # unreachable for well-formed formats
-    return trace
 
 
 class Walker:
-    """Leaf-run iteration over one root (see the module docstring).
+    """Leaf-run iteration over one root (see :mod:`ptlab.walk.walker`).
 
     ``ignore_ad`` coalesces leaves differing only in accessed/dirty (``Format.ad_mask``); the
     run then reports its first leaf's attrs. ``include_nonpresent`` yields non-present leaves
