@@ -33,7 +33,9 @@ test-unit: setup
 test-qemu: images
 	PTLAB_ARCH=$(ARCH) $(BIN)/pytest -q -n $(JOBS) --dist loadscope -m qemu tests/qemu
 
+# images first, so that the unit tests that read the built images run too
 test: setup host-deps
+	$(MAKE) images ARCH=all
 	$(MAKE) test-unit
 	$(MAKE) test-qemu ARCH=all
 

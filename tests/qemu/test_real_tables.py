@@ -238,18 +238,6 @@ class ProfileChecks:
         assert all(lo <= r.va and r.end <= hi for r in w.runs)
         assert all(r.attrs.present for r in w.runs)
 
-    def test_info_tlb_equals_walk(self, profile: str, request: pytest.FixtureRequest):
-        if not profile.startswith("x86_64"):
-            pytest.skip("QEMU has info tlb only for x86")
-        state: State = request.getfixturevalue("state")
-        stopped_in_kernel(state)
-        regs = state.g.registers()
-        assert not scenarios.in_user_regime(state.g, regs, state.kernel_root)
-        lo, hi = scenarios.kernel_half(state.fmt)
-        n, secs = compare_with_info_tlb(state, state.walk.runs, lo, hi)
-        assert n > 10_000
-        report(f"info_tlb_s[{state.profile}]", secs, "s")
-
     def test_gva2gpa_agrees(self, state: State):
         stopped_in_kernel(state)
         lo, hi = scenarios.kernel_half(state.fmt)
@@ -281,84 +269,6 @@ class ProfileChecks:
         vas = [dm.va(s) for s, _ in ram] + [dm.va(e - 1) for _, e in ram]
         batch = oracle.gva2gpa_many(state.g.hmp, vas)
         assert batch.gpas == [s for s, _ in ram] + [e - 1 for _, e in ram]
-
-    def test_x86_pti_user_pgd(self, profile: str, request: pytest.FixtureRequest):
-        if profile != "x86_64-pti":
-            pytest.skip("PTI profile only")
-        state: State = request.getfixturevalue("state")
-        g, fmt = state.g, state.fmt
-        stopped_in_kernel(state)
-        user_root = state.kernel_root + PAGE
-        uw = scenarios.walk_kernel(fmt, g.memory, user_root)
-        assert uw.runs and not uw.anomalies
-        uidx = RunIndex(uw.runs)
-        entry = state.syms["__entry_text_start"]
-        entry_end = state.syms["__entry_text_end"]
-        banner = state.syms["linux_banner"]
-        for va in range(entry & ~(PAGE - 1), entry_end, PAGE):
-            assert uidx.pa(va) is not None, f"entry text {va:#x} not in the user PGD"
-            assert uidx.pa(va) == state.index.pa(va), f"entry text {va:#x}: user/kernel PA differ"
-        assert uidx.pa(banner) is None, "linux_banner is mapped in the user PGD"
-        assert state.index.pa(banner) is not None
-        t = translate(fmt, g.memory, user_root, banner)
-        assert t.fault is not None
-        # the user PGD maps much less than the kernel PGD
-        assert sum(r.size for r in uw.runs) < sum(r.size for r in state.walk.runs) / 4
-        # QEMU's view of a live user PGD: stop while a user loop runs
-        state.resume()
-        with scenarios.user_spinner(g):
-            regs = scenarios.stop_where(
-                g, lambda r: scenarios.in_user_regime(g, r, state.kernel_root), rng=state.rng
-            )
-            assert regs["cr3"] & scenarios.X86_PTI_USER_BIT
-            lo, hi = scenarios.kernel_half(fmt)
-            uw = scenarios.walk_kernel(fmt, g.memory, user_root)  # this stop's tables
-            uidx = RunIndex(uw.runs)
-            # info tlb walks the live CR3: the spinner's user PGD, whose kernel half is init's
-            # user PGD's (clone_pgd_range copies both halves under PTI)
-            compare_with_info_tlb(state, uw.runs, lo, hi)
-            check_gva2gpa(state, uidx, user_root, lo, hi, 2000, N_UNMAPPED, (banner,))
-            assert oracle.gva2gpa(g.hmp, entry) == state.index.pa(entry)
-        stopped_in_kernel(state)
-
-    def test_arm64_kpti_trampoline(self, profile: str, request: pytest.FixtureRequest):
-        if profile != "arm64-kpti":
-            pytest.skip("arm64 KPTI profile only")
-        state: State = request.getfixturevalue("state")
-        g, fmt = state.g, state.fmt
-        stopped_in_kernel(state)
-        tramp = state.kernel_root - scenarios.ARM64_TRAMP_SWAPPER_OFFSET
-        tw = scenarios.walk_kernel(fmt, g.memory, tramp)
-        assert tw.runs and not tw.anomalies
-        pages = sum(r.size for r in tw.runs) // PAGE
-        assert 1 <= pages <= 3, f"trampoline maps {pages} pages (entry_tramp_text_size <= 3)"
-        for r in tw.runs:
-            assert r.attrs.exec and not r.attrs.writable and not r.attrs.user
-            for va in range(r.va, r.end, PAGE):  # the swapper's fixmap maps the same text
-                assert state.index.pa(va) == r.pa + (va - r.va)
-        tidx = RunIndex(tw.runs)
-        text = state.syms["_stext"]
-        dm = scenarios.direct_map(g, state.syms)
-        ram0 = scenarios.system_ram(g.info)[0][0]
-        assert tidx.pa(text) is None and tidx.pa(dm.va(ram0)) is None
-        state.resume()
-        with scenarios.user_spinner(g):
-            # EL1 on the trampoline table (tramp_vectors before tramp_map_kernel, or tramp_exit):
-            # at EL0 QEMU's debug walk applies EL0 permissions and every kernel VA is unmapped
-            regs = scenarios.stop_where(
-                g,
-                lambda r: scenarios.in_user_regime(g, r, state.kernel_root)
-                and scenarios.arm64_el(g) == 1,
-                tries=200,
-                rng=state.rng,
-            )
-            assert regs["ttbr1_el1"] & scenarios.ARM64_TTBR_BADDR == tramp
-            lo, hi = scenarios.kernel_half(fmt)
-            mapped = [r.va + i * PAGE for r in tw.runs for i in range(r.size // PAGE)]
-            batch = oracle.gva2gpa_many(g.hmp, mapped)
-            assert batch.gpas == [tidx.pa(va) for va in mapped]
-            check_gva2gpa(state, tidx, tramp, lo, hi, 200, N_UNMAPPED, (text, dm.va(ram0)))
-        stopped_in_kernel(state)
 
     def test_cli_reads_real_dumps(self, state: State, tmp_path):
         """The CLI over files a developer would have: QEMU's ELF dump (root found by scanning
@@ -456,10 +366,107 @@ class ProfileChecks:
                 g.agent("release", str(ident))
 
 
+class InfoTlbChecks:
+    """x86 only: QEMU has ``info tlb`` for x86 alone."""
+
+    def test_info_tlb_equals_walk(self, state: State):
+        stopped_in_kernel(state)
+        regs = state.g.registers()
+        assert not scenarios.in_user_regime(state.g, regs, state.kernel_root)
+        lo, hi = scenarios.kernel_half(state.fmt)
+        n, secs = compare_with_info_tlb(state, state.walk.runs, lo, hi)
+        assert n > 10_000
+        report(f"info_tlb_s[{state.profile}]", secs, "s")
+
+
+class PtiChecks:
+    """x86 with pti=on: the user PGD."""
+
+    def test_x86_pti_user_pgd(self, state: State):
+        g, fmt = state.g, state.fmt
+        stopped_in_kernel(state)
+        user_root = state.kernel_root + PAGE
+        uw = scenarios.walk_kernel(fmt, g.memory, user_root)
+        assert uw.runs and not uw.anomalies
+        uidx = RunIndex(uw.runs)
+        entry = state.syms["__entry_text_start"]
+        entry_end = state.syms["__entry_text_end"]
+        banner = state.syms["linux_banner"]
+        for va in range(entry & ~(PAGE - 1), entry_end, PAGE):
+            assert uidx.pa(va) is not None, f"entry text {va:#x} not in the user PGD"
+            assert uidx.pa(va) == state.index.pa(va), f"entry text {va:#x}: user/kernel PA differ"
+        assert uidx.pa(banner) is None, "linux_banner is mapped in the user PGD"
+        assert state.index.pa(banner) is not None
+        t = translate(fmt, g.memory, user_root, banner)
+        assert t.fault is not None
+        # the user PGD maps much less than the kernel PGD
+        assert sum(r.size for r in uw.runs) < sum(r.size for r in state.walk.runs) / 4
+        # QEMU's view of a live user PGD: stop while a user loop runs
+        state.resume()
+        with scenarios.user_spinner(g):
+            regs = scenarios.stop_where(
+                g, lambda r: scenarios.in_user_regime(g, r, state.kernel_root), rng=state.rng
+            )
+            assert regs["cr3"] & scenarios.X86_PTI_USER_BIT
+            lo, hi = scenarios.kernel_half(fmt)
+            uw = scenarios.walk_kernel(fmt, g.memory, user_root)  # this stop's tables
+            uidx = RunIndex(uw.runs)
+            # info tlb walks the live CR3: the spinner's user PGD, whose kernel half is init's
+            # user PGD's (clone_pgd_range copies both halves under PTI)
+            compare_with_info_tlb(state, uw.runs, lo, hi)
+            check_gva2gpa(state, uidx, user_root, lo, hi, 2000, N_UNMAPPED, (banner,))
+            assert oracle.gva2gpa(g.hmp, entry) == state.index.pa(entry)
+        stopped_in_kernel(state)
+
+
+class KptiChecks:
+    """arm64 with kpti=1: the trampoline table."""
+
+    def test_arm64_kpti_trampoline(self, state: State):
+        g, fmt = state.g, state.fmt
+        stopped_in_kernel(state)
+        tramp = state.kernel_root - scenarios.ARM64_TRAMP_SWAPPER_OFFSET
+        tw = scenarios.walk_kernel(fmt, g.memory, tramp)
+        assert tw.runs and not tw.anomalies
+        pages = sum(r.size for r in tw.runs) // PAGE
+        assert 1 <= pages <= 3, f"trampoline maps {pages} pages (entry_tramp_text_size <= 3)"
+        for r in tw.runs:
+            assert r.attrs.exec and not r.attrs.writable and not r.attrs.user
+            for va in range(r.va, r.end, PAGE):  # the swapper's fixmap maps the same text
+                assert state.index.pa(va) == r.pa + (va - r.va)
+        tidx = RunIndex(tw.runs)
+        text = state.syms["_stext"]
+        dm = scenarios.direct_map(g, state.syms)
+        ram0 = scenarios.system_ram(g.info)[0][0]
+        assert tidx.pa(text) is None and tidx.pa(dm.va(ram0)) is None
+        state.resume()
+        with scenarios.user_spinner(g):
+            # EL1 on the trampoline table (tramp_vectors before tramp_map_kernel, or tramp_exit):
+            # at EL0 QEMU's debug walk applies EL0 permissions and every kernel VA is unmapped
+            regs = scenarios.stop_where(
+                g,
+                lambda r: scenarios.in_user_regime(g, r, state.kernel_root)
+                and scenarios.arm64_el(g) == 1,
+                tries=200,
+                rng=state.rng,
+            )
+            assert regs["ttbr1_el1"] & scenarios.ARM64_TTBR_BADDR == tramp
+            lo, hi = scenarios.kernel_half(fmt)
+            mapped = [r.va + i * PAGE for r in tw.runs for i in range(r.size // PAGE)]
+            batch = oracle.gva2gpa_many(g.hmp, mapped)
+            assert batch.gpas == [tidx.pa(va) for va in mapped]
+            check_gva2gpa(state, tidx, tramp, lo, hi, 200, N_UNMAPPED, (text, dm.va(ram0)))
+        stopped_in_kernel(state)
+
 
 # One class per profile, so that ``--dist loadscope`` keeps a profile's checks on one worker.
-CLASSES = {"TestX86_64": "x86_64", "TestX86_64La57": "x86_64-la57", "TestX86_64Pti": "x86_64-pti",
-           "TestArm64": "arm64", "TestArm64Kpti": "arm64-kpti"}
-for _name, _profile in CLASSES.items():
+CLASSES = {
+    "TestX86_64": ("x86_64", (InfoTlbChecks,)),
+    "TestX86_64La57": ("x86_64-la57", (InfoTlbChecks,)),
+    "TestX86_64Pti": ("x86_64-pti", (InfoTlbChecks, PtiChecks)),
+    "TestArm64": ("arm64", ()),
+    "TestArm64Kpti": ("arm64-kpti", (KptiChecks,)),
+}
+for _name, (_profile, _extra) in CLASSES.items():
     globals()[_name] = pytest.mark.profile(_profile)(
-        type(_name, (ProfileChecks,), {"profile": _profile}))
+        type(_name, (ProfileChecks, *_extra), {"profile": _profile}))
