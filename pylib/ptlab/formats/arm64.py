@@ -199,19 +199,6 @@ class Arm64(Format):
             return LEAF_SW_WIDTH if present else self._invalid_sw_width
         return 0
 
-    def _check_level(self, level: int) -> None:
-        if not isinstance(level, int | np.integer) or not 0 <= level < self.levels:
-            raise FormatError(f"{self.name}: level must be 0..{self.levels - 1}, got {level!r}")
-
-    def _check_raw(self, raw: int) -> int:
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            raise FormatError(f"{self.name}: entry must be an integer, got {raw!r}") from None
-        if not 0 <= value <= U64:
-            raise FormatError(f"{self.name}: entry {raw!r} is not a u64")
-        return value
-
     # --- output address ------------------------------------------------------------------
     def _oa(self, raw: int, low_mask: int) -> int:
         oa = raw & low_mask
@@ -399,12 +386,7 @@ class Arm64(Format):
         """A table entry without APTable/XNTable/NSTable bits: no restriction below it."""
         return _NO_RESTRICTION
 
-    def anomalies(self, raw: int, level: int) -> list[str]:
-        self._check_level(level)
-        raw = self._check_raw(raw)
-        if raw == 0:
-            return []
-        name = self.level_name(level)
+    def _anomalies(self, raw: int, level: int, name: str) -> list[str]:
         out: list[str] = []
         if not raw & VALID:
             if level not in self._leaf_levels:

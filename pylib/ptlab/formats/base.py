@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+_U64 = (1 << 64) - 1
 
 class Kind(enum.IntEnum):
     """What an entry is: nothing, a pointer to a lower table, or a translation (leaf)."""
@@ -199,10 +200,33 @@ class Format(ABC):
     def table_attrs(self) -> Attrs:
         """Attributes the kernel puts on a table entry it creates (no restrictions)."""
 
-    @abstractmethod
     def anomalies(self, raw: int, level: int) -> list[str]:
         """Reasons ``raw`` is malformed at ``level`` (reserved bits set, block where none is
-        allowed, ...); empty when well formed."""
+        allowed, ...); empty when well formed (0 is)."""
+        self._check_level(level)
+        raw = self._check_raw(raw)
+        return self._anomalies(raw, level, self.level_name(level)) if raw else []
+
+    @abstractmethod
+    def _anomalies(self, raw: int, level: int, name: str) -> list[str]:
+        """:meth:`anomalies` of a checked non-zero ``raw``; ``name`` is the level's name."""
+
+    @abstractmethod
+    def level_name(self, level: int) -> str:
+        """The kernel's name of ``level`` (pte, pmd, pud, p4d, pgd)."""
+
+    def _check_level(self, level: int) -> None:
+        if (isinstance(level, bool) or not isinstance(level, int | np.integer)
+                or not 0 <= level < self.levels):
+            raise FormatError(f"{self.name}: level must be 0..{self.levels - 1}, got {level!r}")
+
+    def _check_raw(self, raw: int) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int | np.integer):
+            raise FormatError(f"{self.name}: entry must be an integer, got {raw!r}")
+        value = int(raw)
+        if not 0 <= value <= _U64:
+            raise FormatError(f"{self.name}: entry {raw!r} is not a u64")
+        return value
 
     # --- vectorised helpers over one table (numpy uint64 array) ----------------------------
     @abstractmethod

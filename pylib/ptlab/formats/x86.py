@@ -110,22 +110,6 @@ class X86_64(Format):
         self._check_level(level)
         return _LEVEL_NAMES[self.levels][level]
 
-    def _check_level(self, level: int) -> None:
-        if (
-            isinstance(level, bool)
-            or not isinstance(level, int | np.integer)
-            or not 0 <= level < self.levels
-        ):
-            raise FormatError(f"{self.name}: level must be 0..{self.levels - 1}, got {level!r}")
-
-    def _check_raw(self, raw: int) -> int:
-        if isinstance(raw, bool) or not isinstance(raw, int | np.integer):
-            raise FormatError(f"{self.name}: entry must be an integer, got {raw!r}")
-        value = int(raw)
-        if not 0 <= value <= U64:
-            raise FormatError(f"{self.name}: entry {raw!r} is not a u64")
-        return value
-
     def _table_array(self, raws: np.ndarray) -> np.ndarray:
         """``raws`` as a uint64 array (no copy for the usual uint64 table read)."""
         if isinstance(raws, np.ndarray):
@@ -258,12 +242,7 @@ class X86_64(Format):
         """``_KERNPG_TABLE``: P|RW|A|D, no NX (pmd_populate_kernel and friends)."""
         return _KERNPG_TABLE
 
-    def anomalies(self, raw: int, level: int) -> list[str]:
-        self._check_level(level)
-        raw = self._check_raw(raw)
-        if raw == 0:
-            return []
-        name = self.level_name(level)
+    def _anomalies(self, raw: int, level: int, name: str) -> list[str]:
         present = bool(raw & P)
         out: list[str] = []
         if level not in self._leaf_levels and raw & PS:
