@@ -266,11 +266,8 @@ class Arm64(Format):
         )
         return Entry(Kind.LEAF, oa, attrs)
 
-    def encode(self, entry: Entry, level: int) -> int:
-        self._check_level(level)
+    def _encode(self, entry: Entry, level: int) -> int:
         kind = entry.kind
-        if kind is Kind.EMPTY:
-            return 0
         present = entry.attrs.present
         if kind is Kind.LEAF:
             if present and level not in self._leaf_levels:
@@ -339,10 +336,6 @@ class Arm64(Format):
                         f"entry; flip sw bit {SW_BIT1_FLIP} or clear it"
                     )
         raw |= TABLE_BIT if bit1 else 0
-        if raw == 0:
-            raise FormatError(
-                f"{self.name}: {entry!r} encodes to 0, which reads back as an empty entry"
-            )
         return raw
 
     def normalize(self, attrs: Attrs, kind: Kind = Kind.LEAF) -> Attrs:

@@ -186,10 +186,23 @@ class Format(ABC):
         """raw u64 -> Entry. Never raises on garbage: reserved bits are kept recoverable
         (see :meth:`anomalies`)."""
 
-    @abstractmethod
     def encode(self, entry: Entry, level: int) -> int:
         """Entry -> raw u64. Raises FormatError if the entry cannot be represented there
-        (e.g. a leaf at a level without leaves, an OA not aligned to the page size)."""
+        (e.g. a leaf at a level without leaves, an OA not aligned to the page size, or a
+        non-empty entry whose bits would all be 0 and so read back as empty)."""
+        self._check_level(level)
+        if entry.kind is Kind.EMPTY:
+            return 0
+        raw = self._encode(entry, level)
+        if raw == 0:
+            raise FormatError(
+                f"{self.name}: {entry!r} encodes to 0, which reads back as an empty entry"
+            )
+        return raw
+
+    @abstractmethod
+    def _encode(self, entry: Entry, level: int) -> int:
+        """:meth:`encode` of a TABLE or LEAF entry at a checked ``level``."""
 
     @abstractmethod
     def normalize(self, attrs: Attrs, kind: Kind = Kind.LEAF) -> Attrs:

@@ -163,11 +163,8 @@ class X86_64(Format):
         )
         return Entry(kind, value & oa_mask, attrs)
 
-    def encode(self, entry: Entry, level: int) -> int:
-        self._check_level(level)
+    def _encode(self, entry: Entry, level: int) -> int:
         kind = entry.kind
-        if kind is Kind.EMPTY:
-            return 0
         if kind is Kind.LEAF:
             if level not in self._leaf_levels:
                 raise FormatError(
@@ -207,10 +204,6 @@ class X86_64(Format):
                 raw |= PS | (PAT_LARGE if a.cache & 4 else 0)
         oa = int(oa)
         raw |= (oa ^ U64) & oa_mask if not a.present and self._inverts(level) else oa
-        if raw == 0:
-            raise FormatError(
-                f"{self.name}: {entry!r} encodes to 0, which reads back as an empty entry"
-            )
         return raw
 
     def normalize(self, attrs: Attrs, kind: Kind = Kind.LEAF) -> Attrs:
