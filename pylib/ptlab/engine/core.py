@@ -139,13 +139,17 @@ class TableCore:
             ent = cache[raw] = self.fmt.decode(raw, level)
         return ent
 
+    def _check_level(self, op: str, level: object, lowest: int = 1) -> None:
+        """EngineError unless ``level`` is an int in lowest..top (``op`` names the caller)."""
+        if not isinstance(level, int) or not lowest <= level <= self.top:
+            raise EngineError(f"{op} level must be {lowest}..{self.top}, got {level!r}")
+
     def _entry_at(self, tx: Txn, va: int, level: int, op: str, wanted: str
                   ) -> tuple[int, int, int, Entry]:
         """(low VA, table PA, index, entry) of the entry at ``level`` (1..top) covering
         ``va``, reached through table entries only; EngineError ("``op`` level must be",
         "no ``wanted`` at level") otherwise."""
-        if not isinstance(level, int) or not 1 <= level <= self.top:
-            raise EngineError(f"{op} level must be 1..{self.top}, got {level!r}")
+        self._check_level(op, level)
         lo, _ = self._span(va, 1 << self.fmt.page_shift, 1)
         tpa, lvl = self.root, self.top
         while True:

@@ -38,8 +38,7 @@ def share(pt: PageTable, other: PageTable, va: int, size: int, level: int, *,
     MappingExists unless ``replace``.
     """
     _check_peer(pt, other)
-    if not isinstance(level, int) or not 1 <= level <= pt.top:
-        raise EngineError(f"share level must be 1..{pt.top}, got {level!r}")
+    pt._check_level("share", level)
     esz = 1 << pt.fmt.shift(level)
     lo, hi = pt._span(va, size, esz)
     n = pt._n[level]
@@ -78,8 +77,7 @@ def share(pt: PageTable, other: PageTable, va: int, size: int, level: int, *,
 def unshare(pt: PageTable, va: int, size: int, level: int) -> int:
     """Clear ``pt``'s table entries at ``level`` over [va, va+size) that point to tables
     another root also references; returns how many were unlinked."""
-    if not isinstance(level, int) or not 1 <= level <= pt.top:
-        raise EngineError(f"unshare level must be 1..{pt.top}, got {level!r}")
+    pt._check_level("unshare", level)
     esz = 1 << pt.fmt.shift(level)
     lo, hi = pt._span(va, size, esz)
     n = pt._n[level]
@@ -131,8 +129,7 @@ def preallocate(pt: PageTable, va: int, size: int, level: int = 0) -> int:
     """Create (and pin) every table down to ``level`` for [va, va+size), splitting huge
     leaves above it, so map/unmap/protect in units of ``level``'s page size there need no
     allocation. Returns the number of tables allocated."""
-    if not isinstance(level, int) or not 0 <= level <= pt.top:
-        raise EngineError(f"preallocate level must be 0..{pt.top}, got {level!r}")
+    pt._check_level("preallocate", level, 0)
     lo, hi = pt._span(va, size, pt.fmt.table_bytes)
     step = 1 << pt._sh[level + 1] if level < pt.top else hi - lo
     tx = Txn(pt)
