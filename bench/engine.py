@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from ptlab.alloc import NoAllocAllocator, NormalAllocator, PhysPool
+from ptlab.arch import arch_for
 from ptlab.engine import PageTable
 from ptlab.formats.arm64 import Arm64
 from ptlab.formats.base import Attrs, Format
@@ -28,10 +29,8 @@ POOL = 1 << 40
 
 
 def kernel_attrs(fmt: Format) -> Attrs:
-    a = Attrs(writable=True, accessed=True, dirty=True, global_=True)
-    if fmt.arch == "arm64":
-        a = a.with_(global_=False, shareability=3)
-    return fmt.normalize(a)
+    """The architecture's PAGE_KERNEL (ptlab.arch), as the format stores it."""
+    return fmt.normalize(arch_for(fmt).page_kernel)
 
 
 def fresh(fmt: Format) -> tuple[PageTable, PhysPool]:

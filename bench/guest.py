@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 ALL_PROFILES = ("x86_64", "x86_64-la57", "x86_64-pti", "arm64", "arm64-kpti")
+INFO_TLB_PROFILE = "x86_64"  # the profile whose walk is timed against HMP info tlb
 CHUNK = 64 << 20  # pmemsave chunk
 READ_CHUNK = 2 << 20  # PhysMemory.read size over the shared mapping
 PMEMSAVE_BYTES = 256 << 20
@@ -79,9 +80,10 @@ def bench_profile(profile: str, repeat: int, do_io: bool) -> None:
     from ptharness.guest import Guest
     from ptharness.image import ensure_image
     from ptharness.oracle import info_tlb
+    from ptharness.profiles import get_profile
     from ptharness.scenarios import walk_kernel
 
-    arch = "arm64" if profile.startswith("arm64") else "x86_64"
+    arch = get_profile(profile).arch
     image = ensure_image(arch, progress=lambda *a: print(*a, file=sys.stderr))
     load = Path("/proc/loadavg").read_text().split()[0]
     print(f"# booting {profile} (host load {load})", file=sys.stderr)
@@ -95,7 +97,7 @@ def bench_profile(profile: str, repeat: int, do_io: bool) -> None:
         print(f"# {profile}: {len(walks[0].runs)} runs, {walks[0].tables} tables",
               file=sys.stderr)
         figure(f"walk_kernel_s[{profile}]", walk_s, "s")
-        if profile == "x86_64":
+        if profile == INFO_TLB_PROFILE:
             tlb_s = median_time(lambda: info_tlb(g.hmp), repeat)
             raw_s = median_time(lambda: g.hmp("info tlb"), repeat)
             figure("info_tlb_s[x86_64]", raw_s, "s")

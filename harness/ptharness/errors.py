@@ -14,3 +14,16 @@ class AgentError(RuntimeError):
         super().__init__(f"ptagent: {msg} (errno {errno})")
         self.errno = errno
         self.msg = msg
+
+
+class AgentProtocolError(RuntimeError):
+    """``ptagent``'s reply is not what guest/PROTOCOL.md defines (harness and agent disagree)."""
+
+    def __init__(self, args: list[str], reply: object, problem: str) -> None:
+        shown = repr(reply)
+        if len(shown) > 400:
+            shown = shown[:400] + "..."
+        super().__init__(f"ptagent {' '.join(args)}: {problem}; reply {shown}")
+        self.command = list(args)
+        self.reply = reply
+        self.problem = problem

@@ -18,7 +18,6 @@ process is gone.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shlex
 import shutil
@@ -34,7 +33,8 @@ from typing import Any
 
 from ptlab.memory.vmcoreinfo import VmcoreInfo
 
-from .errors import AgentError, GuestError
+from .agent_reply import parse_reply
+from .errors import GuestError
 from .guest_hotplug import HotplugMixin
 from .guest_roots import RootsMixin
 from .guestmem import PmemsaveRAM, SharedRAM
@@ -285,7 +285,7 @@ class Guest(RootsMixin, HotplugMixin):
         mem = SharedRAM()
         self._memory = mem
         files = [("ram0", self._paths.ram, self.mem_mb << 20)]
-        if self.hotplug and self.profile.arch == "arm64":
+        if self.hotplug and self.profile.board.hotplug == "virtio-mem":
             files.append((VIRTIO_MEM_BACKEND, self._paths.backend(VIRTIO_MEM_BACKEND),
                           VIRTIO_MEM_MB << 20))
         for name, path, size in files:
@@ -500,22 +500,10 @@ class Guest(RootsMixin, HotplugMixin):
             raise self._error(f"SSH: {self._dead or e}") from None
 
     def agent(self, *args: str, timeout: float = 30) -> dict[str, Any]:
-        """Run ``ptagent ARGS`` and return its JSON reply; AgentError on an error reply."""
+        """Run ``ptagent ARGS`` and return its reply object (guest/PROTOCOL.md): AgentError
+        for the agent's error object, AgentProtocolError for any other reply."""
         status, out, err = self.ssh(shlex.join([AGENT, *args]), timeout=timeout)
-        lines = [ln for ln in out.splitlines() if ln.strip()]
-        try:
-            reply = json.loads(lines[-1]) if lines else None
-        except json.JSONDecodeError:
-            reply = None
-        if not isinstance(reply, dict):
-            raise AgentError(status or -1, f"no JSON reply to {args!r} (status {status}): "
-                                           f"{(out + err).strip()[-300:]!r}")
-        error = reply.get("error")
-        if error or reply.get("ok") is False:
-            if isinstance(error, dict):
-                raise AgentError(int(error.get("errno", 0)), str(error.get("msg", error)))
-            raise AgentError(int(reply.get("errno", 0)), str(error or reply))
-        return reply
+        return parse_reply(args, status, out, err)
 
     # ----------------------------------------------------------------- memory
     @property

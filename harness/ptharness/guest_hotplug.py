@@ -24,8 +24,8 @@ class HotplugMixin:
 
     def plug_dimm(self, size_mb: int) -> str:
         """x86: add a ``size_mb`` pc-dimm backed by a shared file; return its device id."""
-        if self.profile.arch != "x86_64" or not self.hotplug:
-            raise GuestError("plug_dimm needs an x86 guest started with hotplug=True")
+        if self.profile.board.hotplug != "pc-dimm" or not self.hotplug:
+            raise GuestError("plug_dimm needs a pc-dimm (x86) guest started with hotplug=True")
         if size_mb <= 0 or size_mb % 128:
             raise ValueError(f"DIMM size must be a positive multiple of 128 MiB, not {size_mb}")
         self._dimm_seq += 1
@@ -75,8 +75,9 @@ class HotplugMixin:
 
     def virtio_mem_resize(self, size_mb: int, timeout: float = 30) -> None:
         """arm64: ask the virtio-mem device for ``size_mb`` plugged MiB and wait until it is."""
-        if self.profile.arch != "arm64" or not self.hotplug:
-            raise GuestError("virtio_mem_resize needs an arm64 guest started with hotplug=True")
+        if self.profile.board.hotplug != "virtio-mem" or not self.hotplug:
+            raise GuestError("virtio_mem_resize needs a virtio-mem (arm64) guest started with "
+                             "hotplug=True")
         if not 0 <= size_mb <= VIRTIO_MEM_MB:
             raise ValueError(f"virtio-mem size must be within 0..{VIRTIO_MEM_MB} MiB")
         path = f"/machine/peripheral/{VIRTIO_MEM_ID}"

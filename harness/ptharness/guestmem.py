@@ -4,6 +4,7 @@
 are views of the guest's own pages (zero copy; a running guest changes them under you, so stop
 it for a consistent walk). :class:`PmemsaveRAM` works for any QEMU with a QMP socket: it
 asks QMP ``pmemsave`` for whole chunks into a file and caches them until :meth:`invalidate`.
+:func:`planted_u64` changes one u64 (a page-table entry) of a stopped guest for a block.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import bisect
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +141,25 @@ def _close_map(buf: mmap.mmap) -> None:
     except BufferError:
         # numpy views still reference the map; it is unmapped when the last one goes away.
         pass
+
+
+@contextmanager
+def planted_u64(mem: PhysMemory, pa: int, value: int) -> Iterator[int]:
+    """Write the u64 ``value`` at guest-physical ``pa`` for the duration of the block and put
+    the old value back afterwards, also on errors; yields the old value.
+
+    For planting one page-table entry in a *stopped* guest (a running one may rewrite the
+    entry itself, or cache it in its TLB). Raises ValueError, writing nothing, if ``pa`` is not
+    8-byte aligned or ``value`` is not a u64; OutOfRange if ``pa`` is not guest RAM.
+    """
+    if pa % 8 or not 0 <= value < 1 << 64:
+        raise ValueError(f"cannot plant {value:#x} at PA {pa:#x}: need an aligned u64")
+    old = mem.read_u64(pa)
+    mem.write_u64(pa, value)
+    try:
+        yield old
+    finally:
+        mem.write_u64(pa, old)
 
 
 Dump = Callable[[int, int, Path], None]  # (pa, size, file) -> writes guest bytes into file

@@ -58,6 +58,7 @@ class ArchRecipe:
     triplet: str
     loader_dirs: tuple[str, ...]
     host_userland: bool    # True: busybox/dropbear/libs from the host; False: downloaded
+    kernel_name: str       # boot image in the image dir: "bzImage" (+ PVH "vmlinux") | "Image"
 
     @property
     def meta(self) -> str:
@@ -69,8 +70,8 @@ class ArchRecipe:
 
 
 RECIPES = {
-    "x86_64": ArchRecipe("x86_64", "amd64", "x86_64-linux-gnu", ("/lib64",), True),
-    "arm64": ArchRecipe("arm64", "arm64", "aarch64-linux-gnu", ("/lib",), False),
+    "x86_64": ArchRecipe("x86_64", "amd64", "x86_64-linux-gnu", ("/lib64",), True, "bzImage"),
+    "arm64": ArchRecipe("arm64", "arm64", "aarch64-linux-gnu", ("/lib",), False, "Image"),
 }
 
 
@@ -90,8 +91,7 @@ def recipe_hash(arch: str) -> str:
         IMAGES / f"modules-{arch}.txt", IMAGES / f"packages-{arch}.txt",
         GUEST_SRC / "ptagent.c", GUEST_SRC / "ptinit.c", GUEST_SRC / "ptinit.h",
         GUEST_SRC / "Makefile",
-        *sorted(f for f in Path(__file__).parent.glob("image*.py")
-                if f.name != "image_smoke.py"),
+        *sorted(Path(__file__).parent.glob("image*.py")),
     ]
     for f in files:
         if f.is_file():
@@ -232,14 +232,22 @@ def _kernel_files(tree: Path, kver: str, arch: str, progress: Progress) -> dict[
     """The boot files of one extracted kernel, prepared once per kernel package (kept in
     its tree, hard-linked into each image): x86 bzImage + PVH vmlinux, arm64 raw Image."""
     vmlinuz = tree / "boot" / f"vmlinuz-{kver}"
-    if arch == "x86_64":
-        vmlinux = tree / "boot" / "ptlab-vmlinux"
-        if not vmlinux.is_file():
-            progress("kernel: extracting the PVH vmlinux from the bzImage")
-            tmp = vmlinux.with_name(f"ptlab-vmlinux.tmp{os.getpid()}")
-            tmp.write_bytes(vmlinux_from_bzimage(vmlinuz.read_bytes()))
-            tmp.rename(vmlinux)
-        return {"bzImage": vmlinuz, "vmlinux": vmlinux}
+    return _BOOT_FILES[RECIPES[arch].kernel_name](tree, vmlinuz, progress)
+
+
+def _bzimage_files(tree: Path, vmlinuz: Path, progress: Progress) -> dict[str, Path]:
+    """The bzImage as packaged, and the PVH-bootable vmlinux inside it."""
+    vmlinux = tree / "boot" / "ptlab-vmlinux"
+    if not vmlinux.is_file():
+        progress("kernel: extracting the PVH vmlinux from the bzImage")
+        tmp = vmlinux.with_name(f"ptlab-vmlinux.tmp{os.getpid()}")
+        tmp.write_bytes(vmlinux_from_bzimage(vmlinuz.read_bytes()))
+        tmp.rename(vmlinux)
+    return {"bzImage": vmlinuz, "vmlinux": vmlinux}
+
+
+def _image_files(tree: Path, vmlinuz: Path, progress: Progress) -> dict[str, Path]:
+    """The arm64 raw Image (Documentation/arch/arm64/booting.rst), gunzipped."""
     image = tree / "boot" / "ptlab-Image"
     if not image.is_file():
         data = vmlinuz.read_bytes()
@@ -251,6 +259,9 @@ def _kernel_files(tree: Path, kver: str, arch: str, progress: Progress) -> dict[
         tmp.write_bytes(data)
         tmp.rename(image)
     return {"Image": image}
+
+
+_BOOT_FILES = {"bzImage": _bzimage_files, "Image": _image_files}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -367,9 +378,10 @@ def _build(inputs: _Inputs, apt: AptArch, progress: Progress) -> Image:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        kernel_name = "bzImage" if arch == "x86_64" else "Image"
-        vmlinux_name = "vmlinux" if arch == "x86_64" else None
-        for name, src in _kernel_files(tree, kver, arch, progress).items():
+        files = _kernel_files(tree, kver, arch, progress)
+        kernel_name = recipe.kernel_name
+        vmlinux_name = "vmlinux" if "vmlinux" in files else None
+        for name, src in files.items():
             _link_or_copy(src, tmp / name)
         shutil.copy(tree / "boot" / f"config-{kver}", tmp / "config")
         pub = _host_key(tmp)

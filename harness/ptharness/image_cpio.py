@@ -9,7 +9,6 @@ named "TRAILER!!!".
 from __future__ import annotations
 
 import stat
-from pathlib import Path
 from typing import BinaryIO
 
 MAGIC = b"070701"
@@ -62,11 +61,6 @@ class NewcWriter:
 
     def add_chardev(self, name: str, major: int, minor: int, perm: int = 0o600) -> None:
         self._entry(name, stat.S_IFCHR | perm, b"", rdev=(major, minor))
-
-    def add_path(self, name: str, src: Path, perm: int | None = None) -> None:
-        """Add a host file (symlinks are followed) with its own or the given permissions."""
-        st = src.stat()
-        self.add_file(name, src.read_bytes(), stat.S_IMODE(st.st_mode) if perm is None else perm)
 
     def has(self, name: str) -> bool:
         return name.strip("/") in self._names

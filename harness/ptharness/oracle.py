@@ -287,6 +287,15 @@ def coalesce(leaves: Iterable[TlbLeaf]) -> list[LeafRun]:
     return runs
 
 
+def tlb_wx(lines: Iterable[TlbLine], start: int | None = None,
+           end: int | None = None) -> list[TlbLine]:
+    """QEMU's own W+X audit: the ``info tlb`` leaves in [start, end) printed writable (W) and
+    executable (no X = NX). The flags are the leaf's own bits; in the kernel half the table
+    entries above restrict nothing (they are _KERNPG_TABLE: RW, no NX)."""
+    return [ln for ln in lines
+            if in_range(ln.va, start, end) and ln.flags[8] == "W" and ln.flags[0] != "X"]
+
+
 def tlb_attrs(flags: str) -> Attrs:
     """The ptlab Attrs an info-tlb flag string stands for (fields QEMU does not print stay
     at their defaults)."""

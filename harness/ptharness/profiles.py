@@ -16,6 +16,34 @@ COMMON_CMDLINE = ("quiet", "panic=-1", "secretmem.enable=1", "cryptomgr.notests"
 
 
 @dataclass(frozen=True)
+class Board:
+    """What QEMU's machine for one architecture looks like to the harness (not kernel facts:
+    those are ptlab.arch's)."""
+
+    ram_base: int  # PA of the first byte of boot RAM (hw/arm/virt.c VIRT_MEM: 1 GiB)
+    hotplug: str  # memory hotplug device: "pc-dimm" (slots) or "virtio-mem" (one device)
+    maxmem_mb: int  # -m maxmem= with hotplug
+    slots: int  # -m slots= with hotplug (0: none)
+    hotplug_cmdline: tuple[str, ...]  # kernel parameters a hotplug guest needs
+    registers: str  # where control registers come from: "hmp" (info registers) or "gdbstub"
+    gdb_registers: tuple[str, ...]  # gdbstub system registers read (QEMU's XML names)
+    debug_walk_checks_el: bool  # gva2gpa / x use the current EL's permissions (arm64)
+
+
+# Hotplug geometry: x86 pc-dimm slots; arm64 one virtio-mem device of this many MiB.
+X86_SLOTS, X86_MAXMEM_MB = 4, 8192
+ARM64_MAXMEM_MB, VIRTIO_MEM_MB = 4096, 2048
+VIRTIO_MEM_ID, VIRTIO_MEM_BACKEND = "vm0", "vmem0"
+
+BOARDS: dict[str, Board] = {
+    "x86_64": Board(0, "pc-dimm", X86_MAXMEM_MB, X86_SLOTS, (), "hmp", (), False),
+    "arm64": Board(0x4000_0000, "virtio-mem", ARM64_MAXMEM_MB, 0,
+                   ("memhp_default_state=online_movable",), "gdbstub",
+                   ("TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "cpsr", "pc"), True),
+}
+
+
+@dataclass(frozen=True)
 class Profile:
     """One bootable configuration of a guest."""
 
@@ -33,9 +61,14 @@ class Profile:
     pvh: bool = True
 
     @property
+    def board(self) -> Board:
+        """The QEMU machine facts of this profile's architecture."""
+        return BOARDS[self.arch]
+
+    @property
     def ram_base(self) -> int:
         """PA where the machine places the first byte of boot RAM."""
-        return 0x4000_0000 if self.arch == "arm64" else 0
+        return self.board.ram_base
 
 
 PROFILES: dict[str, Profile] = {
@@ -97,17 +130,11 @@ class RunPaths:
         return self.rundir / ident
 
 
-# Hotplug geometry: x86 pc-dimm slots; arm64 one virtio-mem device of this many MiB.
-X86_SLOTS, X86_MAXMEM_MB = 4, 8192
-ARM64_MAXMEM_MB, VIRTIO_MEM_MB = 4096, 2048
-VIRTIO_MEM_ID, VIRTIO_MEM_BACKEND = "vm0", "vmem0"
-
-
 def kernel_cmdline(profile: Profile, key_b64: str, *, hotplug: bool = False) -> str:
     """The guest kernel's command line: console, common knobs, the profile's, the SSH key."""
     args = [f"console={profile.console}", *COMMON_CMDLINE, *profile.cmdline]
-    if hotplug and profile.arch == "arm64":
-        args.append("memhp_default_state=online_movable")
+    if hotplug:
+        args += profile.board.hotplug_cmdline
     args.append(f"ptlab.key={key_b64}")
     return " ".join(args)
 
@@ -131,13 +158,12 @@ def qemu_command(
     if not 0 < ssh_port < 65536:
         raise ValueError(f"bad SSH port {ssh_port}")
     mem = f"{mem_mb}M"
+    board = profile.board
     if hotplug:
-        maxmem = X86_MAXMEM_MB if profile.arch == "x86_64" else ARM64_MAXMEM_MB
-        if mem_mb >= maxmem:
-            raise ValueError(f"mem_mb {mem_mb} leaves no room for hotplug below {maxmem} MiB")
-        mem += f",slots={X86_SLOTS},maxmem={maxmem}M" if profile.arch == "x86_64" else (
-            f",maxmem={maxmem}M"
-        )
+        if mem_mb >= board.maxmem_mb:
+            raise ValueError(f"mem_mb {mem_mb} leaves no room for hotplug below "
+                             f"{board.maxmem_mb} MiB")
+        mem += (f",slots={board.slots}" if board.slots else "") + f",maxmem={board.maxmem_mb}M"
     argv = [
         profile.qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-accel", "tcg",
@@ -154,7 +180,7 @@ def qemu_command(
         "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         "-device", "virtio-net-pci,netdev=n0,romfile=",
     ]
-    if hotplug and profile.arch == "arm64":
+    if hotplug and board.hotplug == "virtio-mem":
         argv += [
             "-object",
             f"memory-backend-file,id={VIRTIO_MEM_BACKEND},size={VIRTIO_MEM_MB}M,"

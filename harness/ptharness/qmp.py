@@ -1,4 +1,5 @@
-"""A small synchronous QMP client (over qemu.qmp's legacy API) and parsers of monitor text.
+"""A small synchronous QMP client (qemu.qmp's QMPClient on an event loop of its own) and
+parsers of monitor text.
 
 :class:`Monitor` connects to a QMP unix socket, runs commands with a bounded timeout and turns
 every failure into :class:`MonitorError`. The parsers read HMP ``info registers`` (x86 control
@@ -9,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp import QMPClient, QMPError
+
+T = TypeVar("T")
 
 
 class MonitorError(RuntimeError):
@@ -25,44 +26,52 @@ class MonitorError(RuntimeError):
 
 
 class Monitor:
-    """A QMP connection with timeouts; ``cmd`` returns the command's ``return`` value."""
+    """A QMP connection with timeouts; ``cmd`` returns the command's ``return`` value.
+
+    The asyncio client runs on a private event loop, driven only from the caller's thread for
+    the duration of each call (never left running in the background).
+    """
 
     def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
         self.path = str(path)
         self.timeout = timeout
-        self._qmp: QEMUMonitorProtocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: QMPClient | None = None
+
+    def _run(self, aw: Awaitable[T], timeout: float) -> T:
+        assert self._loop is not None
+        return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
 
     def connect(self, deadline: float, alive: Callable[[], bool] = lambda: True) -> None:
         """Connect, retrying until the socket accepts or ``deadline`` (time.monotonic())."""
+        self.close()
+        self._loop = asyncio.new_event_loop()
         while True:
             err: Exception | None = None
             if Path(self.path).exists():
-                qmp = QEMUMonitorProtocol(self.path)
+                client = QMPClient("ptlab")
                 try:
-                    qmp._sync(qmp._qmp.connect(self.path), max(0.1, deadline - time.monotonic()))
-                    qmp.settimeout(self.timeout)
-                    self._qmp = qmp
+                    self._run(client.connect(self.path), max(0.1, deadline - time.monotonic()))
+                    self._client = client
                     return
                 except (TimeoutError, OSError, QMPError) as e:
                     err = e
-                    _quiet_close(qmp)
+                    self._disconnect(client)
             if not alive():
+                self.close()
                 raise MonitorError("QEMU exited before its QMP socket accepted a connection")
             if time.monotonic() >= deadline:
+                self.close()
                 raise MonitorError(f"QMP socket {self.path} not ready: {err or 'missing'}")
             time.sleep(0.02)
 
-    @property
-    def connected(self) -> bool:
-        return self._qmp is not None
-
     def cmd(self, name: str, **args: Any) -> Any:
         """Run QMP command ``name`` with ``args`` (underscores in keys become dashes)."""
-        if self._qmp is None:
+        if self._client is None:
             raise MonitorError(f"QMP {name}: not connected")
         args = {k.replace("_", "-"): v for k, v in args.items()}
         try:
-            return self._qmp.cmd(name, **args)
+            return self._run(self._client.execute(name, args), self.timeout)
         except TimeoutError:
             raise MonitorError(f"QMP {name}: no reply within {self.timeout} s") from None
         except (QMPError, OSError, EOFError) as e:
@@ -76,48 +85,40 @@ class Monitor:
         self, name: str, timeout: float, match: Callable[[dict], bool] = lambda e: True
     ) -> dict:
         """The first event ``name`` whose data satisfies ``match``, within ``timeout`` s."""
-        if self._qmp is None:
+        if self._client is None:
             raise MonitorError(f"waiting for {name}: not connected")
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                event = self._qmp.pull_event(wait=float(min(left, 0.5)))
+                event = dict(self._run(self._client.events.get(), min(left, 0.5)))
             except TimeoutError:
                 continue
             except (QMPError, OSError, EOFError) as e:
                 raise MonitorError(f"waiting for {name}: {e or type(e).__name__}") from None
-            if event and event.get("event") == name and match(event.get("data", {})):
+            if event.get("event") == name and match(event.get("data", {})):
                 return event
         raise MonitorError(f"no {name} event within {timeout} s")
 
     def clear_events(self) -> None:
-        if self._qmp is not None:
-            self._qmp.clear_events()
+        """Drop the events received so far (:meth:`wait_event` then sees only newer ones)."""
+        if self._client is not None:
+            self._run(asyncio.sleep(0), 1.0)  # let already received messages land first
+            self._client.events.clear()
 
     def close(self) -> None:
-        if self._qmp is not None:
-            _quiet_close(self._qmp)
-            self._qmp = None
+        """Disconnect and close the event loop (idempotent)."""
+        if self._client is not None:
+            self._disconnect(self._client)
+            self._client = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
 
-
-def _quiet_close(qmp: QEMUMonitorProtocol) -> None:
-    try:
-        qmp._sync(qmp._qmp.disconnect(), 2.0)
-    except (Exception, asyncio.CancelledError):  # the peer may be dead already
-        pass
-
-
-def socket_alive(path: Path | str) -> bool:
-    """Whether something accepts connections on unix socket ``path``."""
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.settimeout(1.0)
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+    def _disconnect(self, client: QMPClient) -> None:
+        try:
+            self._run(client.disconnect(), 2.0)
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - the peer may be dead
+            pass
 
 
 _REG = re.compile(r"\b(CR[0-4]|EFER|RIP|CPL)=([0-9a-fA-F]+)")

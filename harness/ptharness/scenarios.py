@@ -17,17 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from ptlab.arch import arch_for
+from ptlab.arch import arm64 as arch_arm64
+from ptlab.arch import x86_64 as arch_x86
 from ptlab.formats.base import Format, Kind
 from ptlab.memory.base import PhysMemory
 from ptlab.walk import Run, RunTable, Walker, translate
 
-from . import oracle
+from . import agent_reply, oracle
 
 PAGE = 4096
-X86_CR3_ADDR = 0x000F_FFFF_FFFF_F000
-X86_PTI_USER_BIT = 1 << 12  # arch/x86/include/asm/processor-flags.h PTI_USER_PGTABLE_MASK
-ARM64_TTBR_BADDR = 0x0000_FFFF_FFFF_FFFE  # TTBRn_EL1.BADDR (bits 47:1; CnP is bit 0)
-ARM64_TRAMP_SWAPPER_OFFSET = 2 * PAGE  # vmlinux.lds.S: tramp_pg_dir, reserved_pg_dir, swapper
+# Architecture facts the real-table tests name (ptlab.arch holds them):
+X86_PTI_USER_BIT = arch_x86.PTI_USER_PGTABLE_MASK
+ARM64_TTBR_BADDR = arch_arm64.TTBR_BADDR
+ARM64_TRAMP_SWAPPER_OFFSET = arch_arm64.TRAMP_SWAPPER_OFFSET
 
 
 class ScenarioError(RuntimeError):
@@ -138,34 +141,19 @@ def sample_unmapped(index: RunIndex, start: int, end: int, n: int,
 
 
 # --- the guest's own view ------------------------------------------------------------------------
-def _int(v: Any) -> int:
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str):
-        return int(v, 0) if v.lower().startswith("0x") else int(v, 16)
-    raise ScenarioError(f"not an address: {v!r}")
-
-
 def agent_symbol(info: dict[str, Any], name: str) -> int:
     """Address of kernel symbol ``name`` as ``ptagent info`` reported it (kallsyms)."""
-    for key in ("kallsyms", "symbols", "syms"):
-        table = info.get(key)
-        if isinstance(table, dict) and name in table:
-            return _int(table[name])
-    if name in info:
-        return _int(info[name])
-    raise ScenarioError(f"ptagent info reports no symbol {name!r} (keys: {sorted(info)})")
+    syms = agent_reply.kallsyms(info)
+    if name not in syms:
+        raise ScenarioError(f"ptagent info reports no symbol {name!r} (has {sorted(syms)})")
+    return syms[name]
 
 
 def kallsyms(g: Any, names: Sequence[str]) -> dict[str, int]:
     """Addresses of ``names``: from ``ptagent info`` when it reports them, else from the
     guest's /proc/kallsyms over SSH (the guest must be running). Missing names are left out."""
-    out: dict[str, int] = {}
-    for name in names:
-        try:
-            out[name] = agent_symbol(g.info, name)
-        except ScenarioError:
-            pass
+    syms = agent_reply.kallsyms(g.info)
+    out = {name: syms[name] for name in names if name in syms}
     rest = [n for n in names if n not in out]
     if rest:
         pattern = "|".join(re.escape(n) for n in rest)
@@ -180,33 +168,11 @@ def kallsyms(g: Any, names: Sequence[str]) -> dict[str, int]:
 
 
 def system_ram(info: dict[str, Any]) -> list[tuple[int, int]]:
-    """System RAM ranges [start, end) from ``ptagent info``: its ``system_ram`` objects
-    (``end`` exclusive), or /proc/iomem lines (inclusive ends)."""
-    for key in ("system_ram", "iomem", "ram"):
-        ranges = info.get(key)
-        if ranges:
-            break
-    else:
-        raise ScenarioError(f"ptagent info reports no System RAM (keys: {sorted(info)})")
-    out = []
-    for r in ranges:
-        if isinstance(r, dict):
-            if "name" in r and r["name"] != "System RAM":
-                continue
-            s, e = _int(r["start"]), _int(r["end"]) - 1
-        elif isinstance(r, str):
-            m = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+)(?:\s*:\s*(.*))?", r)
-            if m is None:
-                raise ScenarioError(f"bad iomem line {r!r}")
-            if m[3] and m[3].strip() != "System RAM":
-                continue
-            s, e = int(m[1], 16), int(m[2], 16)
-        else:
-            s, e = (_int(x) for x in r)
-        out.append((s, e + 1))
+    """System RAM ranges [start, end) from ``ptagent info`` (its ``system_ram``)."""
+    out = agent_reply.system_ram(info)
     if not out:
-        raise ScenarioError("no System RAM range reported")
-    return sorted(out)
+        raise ScenarioError("ptagent info reports no System RAM range")
+    return out
 
 
 @dataclass(frozen=True)
@@ -221,31 +187,27 @@ class DirectMap:
 
 
 def direct_map(g: Any, syms: dict[str, int] | None = None) -> DirectMap:
-    """Where ``g``'s kernel put its direct map, from sources the walker does not read.
+    """Where ``g``'s kernel put its direct map, from sources the walker does not read
+    (:meth:`ptlab.arch.ArchOps.direct_map`).
 
-    x86: ``page_offset_base`` (kallsyms address from the agent; its value read by QEMU through
-    its own translation, HMP ``x``; the vCPU must be stopped in the kernel regime).
-    arm64 (arch/arm64/include/asm/memory.h): PAGE_OFFSET = -(1 << VA_BITS) and
-    __phys_to_virt(pa) = (pa - PHYS_OFFSET) | PAGE_OFFSET with VA_BITS and PHYS_OFFSET
-    (memstart_addr, randomised by KASLR) from VMCOREINFO.
+    x86: ``page_offset_base``'s value (kallsyms address from the agent, or ``syms``; the value
+    read by QEMU through its own translation, HMP ``x``; the vCPU must be stopped in the kernel
+    regime). arm64: PAGE_OFFSET = -(1 << VA_BITS) and PHYS_OFFSET (memstart_addr, randomised
+    by KASLR) from VMCOREINFO.
     """
-    if g.profile.arch == "x86_64":
-        addr = (syms or {}).get("page_offset_base") or agent_symbol(g.info, "page_offset_base")
-        return DirectMap(oracle.read_virt_u64(g.hmp, addr), 0)
-    vi = g.vmcoreinfo()
-    va_bits = vi.number("VA_BITS")
-    phys_offset = vi.number("PHYS_OFFSET")
-    return DirectMap((1 << 64) - (1 << va_bits), phys_offset & ((1 << 64) - 1))
+    def read_variable(name: str) -> int:
+        addr = (syms or {}).get(name) or agent_symbol(g.info, name)
+        return oracle.read_virt_u64(g.hmp, addr)
+
+    base, phys_offset = arch_for(g.profile.arch).direct_map(g.vmcoreinfo, read_variable)
+    return DirectMap(base, phys_offset)
 
 
 # --- vCPU regime ---------------------------------------------------------------------------------
 def in_user_regime(g: Any, regs: dict[str, int], kernel_root: int) -> bool:
     """Whether the stopped vCPU runs on the KPTI user tables: x86 CR3 with the PTI user bit;
     arm64 TTBR1_EL1 on the trampoline table (swapper_pg_dir - TRAMP_SWAPPER_OFFSET)."""
-    if g.profile.arch == "x86_64":
-        return bool(regs["cr3"] & X86_PTI_USER_BIT)
-    base = regs["ttbr1_el1"] & ARM64_TTBR_BADDR
-    return base == kernel_root - ARM64_TRAMP_SWAPPER_OFFSET
+    return arch_for(g.profile.arch).user_regime(regs, kernel_root)
 
 
 def arm64_el(g: Any) -> int:
@@ -264,14 +226,14 @@ def in_kernel_regime(g: Any, regs: dict[str, int], kernel_root: int) -> bool:
     kernel VA reads as unmapped)."""
     if in_user_regime(g, regs, kernel_root):
         return False
-    return g.profile.arch == "x86_64" or arm64_el(g) == 1
+    return not g.profile.board.debug_walk_checks_el or arm64_el(g) == 1
 
 
-def stop_where(g: Any, want: Callable[[dict[str, int]], bool], tries: int = 60,
-               rng: random.Random | None = None) -> dict[str, int]:
+def stop_where(g: Any, want: Callable[[dict[str, int]], bool], rng: random.Random,
+               tries: int = 60) -> dict[str, int]:
     """Stop the guest at a moment ``want(registers)`` holds: stop, look, continue a random
-    few ms, retry. Leaves the guest stopped. ScenarioError after ``tries``."""
-    rng = rng or random.Random()
+    few ms (from ``rng``: a seeded one replays), retry. Leaves the guest stopped.
+    ScenarioError after ``tries``."""
     for _ in range(tries):
         g.stop()
         regs = g.registers()

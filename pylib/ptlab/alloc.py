@@ -124,6 +124,12 @@ class Allocator(ABC):
         """Whether ``pa`` is a page this allocator hands out (the engine frees only those)."""
         return False
 
+    def pa_range(self) -> tuple[int, int] | None:
+        """[lo, hi): the physical range every page this allocator can hand out lies in,
+        when known (lo == hi: it hands out nothing). The engine refuses, up front, an
+        allocator whose pages a format cannot point to."""
+        return None
+
 
 class NormalAllocator(Allocator):
     """Pages straight from a :class:`PhysPool`."""
@@ -141,6 +147,9 @@ class NormalAllocator(Allocator):
 
     def owns(self, pa: int) -> bool:
         return self.pool.owns(pa)
+
+    def pa_range(self) -> tuple[int, int] | None:
+        return self.pool.base, self.pool.base + self.pool.size
 
 
 class NoAllocAllocator(Allocator):
@@ -163,6 +172,9 @@ class NoAllocAllocator(Allocator):
 
     def free(self, pa: int) -> None:
         raise AllocError(f"no-allocation mode never handed out PA {pa:#x}")
+
+    def pa_range(self) -> tuple[int, int] | None:
+        return 0, 0
 
 
 class PoolAllocator(Allocator):
@@ -219,6 +231,10 @@ class PoolAllocator(Allocator):
     def owns(self, pa: int) -> bool:
         return pa in self._mine
 
+    def pa_range(self) -> tuple[int, int] | None:
+        src = self.source
+        return (src.base, src.base + src.size) if isinstance(src, PhysPool) else src.pa_range()
+
 
 class AccountingAllocator(Allocator):
     """Charges every page ``inner`` hands out to an owner; uncharges it on free.
@@ -260,6 +276,9 @@ class AccountingAllocator(Allocator):
 
     def owns(self, pa: int) -> bool:
         return self.inner.owns(pa)
+
+    def pa_range(self) -> tuple[int, int] | None:
+        return self.inner.pa_range()
 
     def charged(self, owner: Hashable | None = None) -> int:
         """Pages currently charged to ``owner``."""

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arch import arch_for, arm64, x86_64
 from .formats.base import Attrs, Entry, Format, FormatError, Kind
 from .memory.sparse import SparseMemory
 
-__all__ = ["ARM64_PAGE_KERNEL", "X86_PAGE_KERNEL", "TableBuilder", "linear_map_model"]
+__all__ = [
+    "ARM64_PAGE_KERNEL", "X86_PAGE_KERNEL", "TableBuilder", "linear_map_model", "raw_tables",
+]
 
-# PAGE_KERNEL (arch/arm64/include/asm/pgtable-prot.h): RW, PXN, UXN, AF, SH inner, nG, NORMAL.
-ARM64_PAGE_KERNEL = Attrs(
-    present=True, writable=True, user=False, exec=False, uexec=False, global_=False,
-    accessed=True, dirty=True, cache=0, shareability=3, dbm=True,
-)
-# __PAGE_KERNEL (arch/x86/include/asm/pgtable_types.h): P RW A D G NX.
-X86_PAGE_KERNEL = Attrs(
-    present=True, writable=True, user=False, exec=False, uexec=False, global_=True,
-    accessed=True, dirty=True,
-)
+ARM64_PAGE_KERNEL = arm64.PAGE_KERNEL  # PAGE_KERNEL (arch/arm64/include/asm/pgtable-prot.h)
+X86_PAGE_KERNEL = x86_64.PAGE_KERNEL  # __PAGE_KERNEL (arch/x86/include/asm/pgtable_types.h)
 
 
 class TableBuilder:
@@ -131,20 +126,18 @@ class TableBuilder:
 
 def linear_map_model(fmt: Format | None = None, pages: int = 259_000, blocks: int = 157,
                      page_offset: int | None = None) -> TableBuilder:
-    """A model of an arm64 guest's linear map (rodata=full): ``pages`` 4 KiB leaves followed by
-    ``blocks`` 2 MiB blocks, PAGE_KERNEL, from PA 0x4000_0000. Defaults mirror a 1 GiB guest
+    """A model of a guest's linear map (arm64 rodata=full by default): ``pages`` 4 KiB leaves
+    followed by ``blocks`` 2 MiB blocks, the architecture's PAGE_KERNEL, from PA 0x4000_0000
+    at the default PAGE_OFFSET. Defaults mirror a 1 GiB guest
     (~259k pages, 157 blocks, ~525 tables). Returns the builder (``.fmt``, ``.mem``, ``.root``).
     """
     if fmt is None:
         from .formats.arm64 import Arm64
 
         fmt = Arm64(4096, 48, upper=True)
-    if fmt.arch == "arm64":
-        attrs = ARM64_PAGE_KERNEL
-        base = page_offset if page_offset is not None else (1 << 64) - fmt.va_span
-    else:
-        attrs = X86_PAGE_KERNEL
-        base = page_offset if page_offset is not None else 0xFFFF_8880_0000_0000
+    ops = arch_for(fmt)
+    attrs = ops.page_kernel
+    base = page_offset if page_offset is not None else ops.linear_map_base(fmt)
     b = TableBuilder(fmt)
     pa0 = 0x4000_0000
     b.map(base, pa0, pages * 4096, fmt.normalize(attrs), level=0)
@@ -153,3 +146,17 @@ def linear_map_model(fmt: Format | None = None, pages: int = 259_000, blocks: in
         start = (base + pages * 4096 + bs - 1) // bs * bs
         b.map(start, pa0 + (start - base), blocks * bs, fmt.normalize(attrs), level=1)
     return b
+
+
+def raw_tables(fmt: Format, mem, root: int) -> set[int]:
+    """Every table reachable from ``root``, from raw reads decoded one entry at a time (an
+    oracle for table counts that shares nothing with the cursor or the engine)."""
+    seen, todo = set(), [(root, fmt.levels - 1)]
+    while todo:
+        pa, lvl = todo.pop()
+        seen.add(pa)
+        for i in range(fmt.entries(lvl)) if lvl else ():
+            e = fmt.decode(mem.read_u64(pa + 8 * i), lvl)
+            if e.kind is Kind.TABLE and e.oa not in seen:
+                todo.append((e.oa, lvl - 1))
+    return seen

@@ -22,11 +22,16 @@ MACHINES = {
 }
 
 
+def require(binary: str) -> None:
+    """QEMU is a declared dependency (``make host-deps``): its absence fails, never skips."""
+    if shutil.which(binary) is None:
+        pytest.fail(f"{binary} is not installed (run `make host-deps`)", pytrace=False)
+
+
 @pytest.fixture(params=list(MACHINES))
 def tiny(request):
     binary, machine, extra, base = MACHINES[request.param]
-    if shutil.which(binary) is None:
-        pytest.skip(f"{binary} not installed")
+    require(binary)
     rundir = Path(tempfile.mkdtemp(prefix="ptlab-test-", dir="/dev/shm"))
     qmp = rundir / "qmp.sock"
     argv = [binary, "-S", "-nodefaults", "-display", "none", "-accel", "tcg",
@@ -106,8 +111,7 @@ def test_attach_pmemsave_to_foreign_qemu(tiny):
 
 def test_q35_split_above_4g():
     """q35 with 3 GiB: RAM below 2 GiB, the rest at 4 GiB, both from one backend file."""
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
+    require("qemu-system-x86_64")
     rundir = Path(tempfile.mkdtemp(prefix="ptlab-test-", dir="/dev/shm"))
     qmp = rundir / "qmp.sock"
     proc = subprocess.Popen(

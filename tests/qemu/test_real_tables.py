@@ -17,12 +17,19 @@ shared RAM. Then:
   ``gva2gpa`` (QEMU's own walk in the vCPU's current regime).
 * the direct map covers every System RAM range the guest reports (/proc/iomem via ptagent),
   at VA = base + (pa - phys_offset) derived from kallsyms / VMCOREINFO, never from the walk.
-* x86 PTI: the user PGD (kernel PGD + 4 KiB) maps the entry text (same PA as the kernel PGD)
-  and not linux_banner; stopped in user mode, QEMU's ``info tlb`` of the live user PGD equals
-  the walk of that kernel half and gva2gpa agrees.
+* every profile: bytes of kernel text and read-only data (kallsyms ranges, random offsets) read
+  from guest RAM at the PA the walk gives, and at that PA's direct-map alias, equal the
+  kernel's own reads of those VAs through /proc/kcore (``ptagent kread``).
+* x86 PTI: the user PGD (kernel PGD + 4 KiB) maps the entry text (same PA as the kernel PGD,
+  and as QEMU's gva2gpa of both PGDs; its bytes are the entry text /proc/kcore reads) and not
+  linux_banner; stopped in user mode, QEMU's ``info tlb`` of the live user PGD equals the walk
+  of that kernel half and gva2gpa agrees.
 * arm64 KPTI: the trampoline table (swapper_pg_dir - 2 pages, tramp_pg_dir in vmlinux.lds.S)
-  maps only the trampoline text, at the swapper's PAs; stopped at EL0 (TTBR1_EL1 = the
-  trampoline), gva2gpa agrees with its walk.
+  maps only the trampoline text: its descriptors as QEMU reads them carry PAGE_KERNEL_ROX's
+  bits, QEMU's walk of the swapper gives the same PAs, which lie in .rodata.text
+  (_etext..__init_begin); stopped at EL1 on the trampoline, gva2gpa agrees with its walk.
+* the CLI over an ELF and a raw dump of the stopped guest prints the live walk, which QEMU
+  confirms at that stop (``info tlb`` / gva2gpa); its root and ``translate`` are QEMU's.
 * secretmem: after ``ptagent secretmem 16`` the 16 PFNs' direct-map entries are not present
   (x86: the raw pte holds the inverted PFN and decode gives the PFN back; QEMU says Unmapped),
   while the holder process's user mappings are present at those PFNs.
@@ -31,10 +38,10 @@ shared RAM. Then:
 from __future__ import annotations
 
 import io
-import os
 import random
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -48,9 +55,14 @@ PROFILES = ["x86_64", "x86_64-la57", "x86_64-pti", "arm64", "arm64-kpti"]
 N_MAPPED, N_UNMAPPED = 10_000, 1_000
 SECRET_PAGES = 16
 PAGE = 4096
-SYMBOLS = ("page_offset_base", "__entry_text_start", "__entry_text_end", "linux_banner", "_stext")
+SYMBOLS = ("page_offset_base", "__entry_text_start", "__entry_text_end", "linux_banner", "_stext",
+           "_etext", "__init_begin", "init_top_pgt", "__start_rodata", "__end_rodata")
 X86_PFN_MASK = 0x000F_FFFF_FFFF_F000  # arch/x86: PTE_PFN_MASK with __PHYSICAL_MASK_SHIFT 52
 ARM64_OA_MASK = 0x0000_FFFF_FFFF_F000  # 4K granule, 48-bit OA
+# arm64 stage-1 descriptor bits (arch/arm64/include/asm/pgtable-hwdef.h)
+ARM64_PTE_USER, ARM64_PTE_RDONLY = 1 << 6, 1 << 7  # AP[1], AP[2]
+ARM64_PTE_DBM, ARM64_PTE_PXN, ARM64_PTE_UXN = 1 << 51, 1 << 53, 1 << 54
+KCORE_SAMPLES, KCORE_BYTES = 16, 64
 
 
 def report(name: str, value: float, unit: str) -> None:
@@ -60,11 +72,11 @@ def report(name: str, value: float, unit: str) -> None:
 class State:
     """One booted guest of a profile and what the checks share."""
 
-    def __init__(self, profile: str, g: Any) -> None:
+    def __init__(self, profile: str, g: Any, rng: random.Random) -> None:
         self.profile = profile
         self.g = g
         self.arch = g.profile.arch
-        self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+        self.rng = rng  # from the session seed (PTLAB_SEED replays it)
         self.kernel_root: int = 0
         self.fmt: Any = None
         self.walk: KernelWalk | None = None
@@ -109,13 +121,13 @@ def guests():
             st.g.close()
 
 
-def boot(profile: str) -> State:
+def boot(profile: str, rng: random.Random) -> State:
     from ptharness.guest import Guest
 
     g = Guest(profile)
     g.start()
     try:
-        st = State(profile, g)
+        st = State(profile, g, rng)
         st.syms = scenarios.kallsyms(g, SYMBOLS)
         st.kernel_root = g.kernel_root()
         st.fmt = g.kernel_format()
@@ -139,11 +151,12 @@ def release_guest(request: pytest.FixtureRequest, guests: dict[str, State | Base
 
 
 @pytest.fixture
-def state(profile: str, guests: dict[str, State | BaseException]) -> Iterator[State]:
+def state(profile: str, guests: dict[str, State | BaseException],
+          rng_factory: Callable[[str], random.Random]) -> Iterator[State]:
     st = guests.get(profile)
     if st is None:
         try:
-            st = guests[profile] = boot(profile)
+            st = guests[profile] = boot(profile, rng_factory(f"test_real_tables:{profile}"))
         except Exception as e:
             guests[profile] = e
             raise
@@ -167,6 +180,38 @@ def stopped_in_kernel(st: State) -> None:
 
 
 # --- the walk itself -----------------------------------------------------------------------------
+def root_va(st: State) -> int:
+    """The kernel's VA of its root table, from the kernel's own text: x86 init_top_pgt in
+    /proc/kallsyms, arm64 SYMBOL(swapper_pg_dir) in VMCOREINFO (no KALLSYMS_ALL there)."""
+    if st.arch == "x86_64":
+        return st.syms["init_top_pgt"]
+    return st.g.vmcoreinfo().symbol("swapper_pg_dir")
+
+
+def kcore(g: Any, va: int, size: int) -> bytes:
+    """``size`` bytes at kernel VA ``va`` as the kernel reads them (/proc/kcore via ptagent;
+    the guest must be running)."""
+    reply = g.agent("kread", hex(va), str(size))
+    assert reply["va"] == va
+    return bytes.fromhex(reply["hex"])
+
+
+def bytes_via_walk(st: State, root: int, va: int, size: int) -> bytes:
+    """``size`` bytes at ``va`` read from guest RAM at the PA ptlab's translation gives."""
+    t = translate(st.fmt, st.g.memory, root, va)
+    assert t.fault is None and t.pa is not None, f"{va:#x}: {t.fault}"
+    return st.g.memory.read(t.pa, size)
+
+
+def sample_kcore_vas(st: State, start: int, end: int, n: int) -> list[int]:
+    """``n`` random VAs in [start, end) whose KCORE_BYTES stay within one page."""
+    out = []
+    for _ in range(n):
+        va = st.rng.randrange(start, end - KCORE_BYTES)
+        out.append(min(va, (va | (PAGE - 1)) + 1 - KCORE_BYTES))
+    return out
+
+
 # --- x86: info tlb -------------------------------------------------------------------------------
 def compare_with_info_tlb(st: State, runs: list[Any], start: int, end: int) -> tuple[int, float]:
     lines, secs = oracle.info_tlb(st.g.hmp)
@@ -186,8 +231,6 @@ def check_gva2gpa(st: State, index: RunIndex, root: int, lo: int, hi: int, n_map
     unmapped = scenarios.sample_unmapped(index, lo, hi, n_unmapped, st.rng) + list(extra_unmapped)
     vas = mapped + unmapped
     expected = [index.pa(va) for va in vas]
-    assert all(e is not None for e in expected[:n_mapped])
-    assert all(e is None for e in expected[n_mapped:])
     batch = oracle.gva2gpa_many(st.g.hmp, vas)
     bad = oracle.disagreements(expected, batch)
     if bad:
@@ -197,6 +240,9 @@ def check_gva2gpa(st: State, index: RunIndex, root: int, lo: int, hi: int, n_map
             steps = " ".join(f"L{s.level}@{s.entry_pa:#x}={s.raw:#018x}" for s in t.steps)
             detail.append(f"{d} [{t.fault or 'mapped'}] {steps}")
         pytest.fail(f"{len(bad)} of {len(vas)} VAs disagree with gva2gpa:\n" + "\n".join(detail))
+    # what the sample claims to be, QEMU confirms: the first n_mapped are mapped, the rest not
+    qemu_mapped = [q is not None for q in batch.gpas]
+    assert qemu_mapped == [True] * n_mapped + [False] * (len(vas) - n_mapped)
     return batch
 
 
@@ -205,13 +251,8 @@ def check_gva2gpa(st: State, index: RunIndex, root: int, lo: int, hi: int, n_map
 # --- secretmem -----------------------------------------------------------------------------------
 def secret_pages(reply: dict[str, Any]) -> tuple[list[int], list[int]]:
     """(PFNs, user VAs) from a ``ptagent secretmem`` reply."""
-    pfns = [scenarios._int(p) for p in reply["pfns"]]
-    if "vas" in reply:
-        vas = [scenarios._int(v) for v in reply["vas"]]
-    else:
-        base = scenarios._int(reply.get("va", reply.get("addr")))
-        vas = [base + i * PAGE for i in range(len(pfns))]
-    return pfns, vas
+    pfns = reply["pfns"]  # shape checked by Guest.agent (guest/PROTOCOL.md)
+    return pfns, [reply["va"] + i * PAGE for i in range(len(pfns))]
 
 
 def user_format(st: State) -> Any:
@@ -234,9 +275,30 @@ class ProfileChecks:
         assert w is not None and w.runs, "the kernel half maps nothing"
         bad = [f"{a.va:#x} L{a.level} {a.raw:#x}: {a.reason}" for a in w.anomalies[:10]]
         assert not w.anomalies, bad
-        lo, hi = scenarios.kernel_half(state.fmt)
-        assert all(lo <= r.va and r.end <= hi for r in w.runs)
-        assert all(r.attrs.present for r in w.runs)
+
+    def test_walk_reads_what_kcore_reads(self, state: State):
+        """Bytes of kernel text and read-only data (kallsyms ranges) read from guest RAM where
+        ptlab's translation puts them, and at the direct-map alias of that PA, equal what the
+        kernel itself reads at those VAs through /proc/kcore."""
+        stopped_in_kernel(state)
+        s = state.syms
+        # read-only data: x86 __start_rodata..__end_rodata (the gaps around it are unmapped
+        # by mark_rodata_ro); arm64 (no data symbols in kallsyms) _etext..__init_begin
+        ro = (("__start_rodata", "__end_rodata") if state.arch == "x86_64"
+              else ("_etext", "__init_begin"))
+        vas = (sample_kcore_vas(state, s["_stext"], s["_etext"], KCORE_SAMPLES)
+               + sample_kcore_vas(state, s[ro[0]], s[ro[1]], KCORE_SAMPLES))
+        dm = scenarios.direct_map(state.g, state.syms)
+        ours, aliases = [], []
+        for va in vas:
+            pa = state.index.pa(va)
+            assert pa is not None, f"kernel image VA {va:#x} is not mapped in the walk"
+            ours.append(bytes_via_walk(state, state.kernel_root, va, KCORE_BYTES))
+            aliases.append(dm.va(pa))
+        state.resume()
+        for va, alias, mine in zip(vas, aliases, ours, strict=True):
+            assert kcore(state.g, va, KCORE_BYTES) == mine, f"{va:#x}: RAM via walk != kcore"
+            assert kcore(state.g, alias, KCORE_BYTES) == mine, f"{va:#x}: direct map {alias:#x}"
 
     def test_gva2gpa_agrees(self, state: State):
         stopped_in_kernel(state)
@@ -274,7 +336,12 @@ class ProfileChecks:
         """The CLI over files a developer would have: QEMU's ELF dump (root found by scanning
         for the kernel's own VMCOREINFO note) and a raw image (pmemsave of every RAM range,
         root given) walk exactly what the live walk of shared RAM gives; the W+X audit agrees
-        with the kernel's own DEBUG_WX verdict in dmesg."""
+        with the kernel's own DEBUG_WX verdict in dmesg.
+
+        Witnesses at the same stop: the root the CLI infers is QEMU's translation of the
+        kernel's VA of its root table; the walk it prints equals QEMU's ``info tlb`` (x86) or
+        agrees with gva2gpa on sampled VAs (arm64); ``translate`` of _stext gives gva2gpa's PA.
+        """
         from ptlab.cli import main, run_text
 
         g, fmt = state.g, state.fmt
@@ -283,7 +350,7 @@ class ProfileChecks:
         assert code == 0
         verdicts = [ln for ln in dmesg.splitlines() if "Checked W+X mappings" in ln]
         stopped_in_kernel(state)
-        lo, _hi = scenarios.kernel_half(fmt)
+        lo, hi = scenarios.kernel_half(fmt)
         want = [run_text(fmt, r) for r in state.walk.runs]
 
         def cli(*argv: str) -> tuple[int, list[str]]:
@@ -292,15 +359,27 @@ class ProfileChecks:
             assert code in (0, 1), err.getvalue()
             return code, out.getvalue().splitlines()
 
+        # the live walk of this stop against QEMU
+        if state.arch == "x86_64":
+            compare_with_info_tlb(state, state.walk.runs, lo, hi)
+        else:
+            check_gva2gpa(state, state.index, state.kernel_root, lo, hi, 2000, 200)
+        qemu_root = oracle.gva2gpa(g.hmp, root_va(state))
+        stext = state.syms["_stext"]
+        qemu_stext = oracle.gva2gpa(g.hmp, stext)
+
         core = tmp_path / "core.elf"
         g.qmp("dump-guest-memory", paging=False, protocol=f"file:{core}")
         elf = ("--elf", str(core), "--vmcoreinfo", "scan")
         _, info = cli("info", *elf)
-        assert f"root: {state.kernel_root:#x}" in "\n".join(info), info
+        assert f"root: {qemu_root:#x}" in "\n".join(info), info
         _, walked = cli("walk", *elf, "--start", hex(lo))
         assert walked[-1].startswith(f"# {len(want)} runs,") and walked[-1].endswith(
             " 0 anomalies"), walked[-1]
         assert walked[:-1] == want
+        code, tr = cli("translate", *elf, hex(stext))
+        m = re.fullmatch(r"=> PA (0x[0-9a-f]+) .*", tr[-1])
+        assert code == 0 and m is not None and int(m[1], 16) == qemu_stext, tr[-1]
         wx_code, wx = cli("wx", *elf)
         assert verdicts, "no DEBUG_WX verdict in dmesg (Debian's kernels have CONFIG_DEBUG_WX)"
         assert ("passed" in verdicts[-1]) == (wx_code == 0), (verdicts, wx[-3:])
@@ -316,7 +395,7 @@ class ProfileChecks:
                 regions += ["--region", f"{start:#x}:{off:#x}:{end - start:#x}"]
                 off += end - start
         _, walked = cli("walk", "--raw", str(raw), *regions, "--format", fmt.name,
-                        "--root", hex(state.kernel_root), "--start", hex(lo))
+                        "--root", hex(qemu_root), "--start", hex(lo))
         assert walked[:-1] == want
 
     def test_secretmem_leaves_direct_map(self, state: State):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ptlab import dump
 from ptlab.cli import main
 from ptlab.formats import Attrs
 from ptlab.formats.catalog import by_name
@@ -113,7 +114,6 @@ def test_info_infers_format_and_root(x86):
 
 
 def test_translate_through_every_level(x86):
-    pytest.importorskip("ptlab.walk")
     code, out, err = run("translate", "--elf", x86["core"], hex(TEXT_VA + 0x12345))
     assert code == 0, err
     assert "=> PA 0x212345" in out and "2M page at pmd" in out
@@ -126,7 +126,6 @@ def test_translate_through_every_level(x86):
 
 
 def test_raw_image_with_region(x86):
-    pytest.importorskip("ptlab.walk")
     code, out, err = run("translate", "--raw", x86["raw"], "--region", "0:0x1000:0x8000",
                          "--format", "x86_64-4level", "--root", "0x1000", hex(WX_VA + 1))
     assert code == 0, err
@@ -134,7 +133,6 @@ def test_raw_image_with_region(x86):
 
 
 def test_walk_and_wx(x86):
-    pytest.importorskip("ptlab.walk")
     code, out, err = run("walk", "--elf", x86["core"])
     assert code == 0, err
     runs = [ln for ln in out.splitlines() if not ln.startswith("#")]
@@ -153,7 +151,6 @@ def test_walk_and_wx(x86):
 
 
 def test_ptdump_kernel_text(x86):
-    dump = pytest.importorskip("ptlab.dump")
     code, out, err = run("ptdump", "--elf", x86["core"])
     assert code == 0, err
     assert "---[ High Kernel Mapping ]---" in out and "---[ User Space ]---" in out

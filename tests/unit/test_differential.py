@@ -77,6 +77,25 @@ EXPLICIT = [
 ]
 
 
+# Collapse at both leaf levels: small pages (arm64: contiguous groups) over whole level-1
+# blocks, one block broken by a protect, a pinned (preallocated) slot, and a level-2 leaf
+# split twice, then collapsed bottom-up (tables merged per step: checked exactly).
+EXPLICIT_COLLAPSE = [
+    (MAP, 0, 1, 0, 0, 2, 0, 2, 0, 1, 1),
+    (MAP, 0, 1, 2, 0, 1, 0, 4, 0, 3, 1),
+    (PROTECT, 0, 0, 2 * 512 + 7, 0, 1, 0, 0, 0, 0, 0),
+    (COLLAPSE, 0, 1, 0, 0, 3, 0, 0, 0, 0, 0),
+    (PREALLOC, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0),
+    (MAP, 1, 1, 0, 0, 1, 0, 2, 0, 3, 1),
+    (COLLAPSE, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0),
+    (UNMAP, 0, 2, 0, 0, 1, 0, 0, 0, 0, 0),
+    (MAP, 0, 2, 0, 0, 1, 0, 1, 0, 0, 0),
+    (SPLIT, 0, 2, 0, 0, 1, 0, 0, 0, 0, 0),
+    (SPLIT, 0, 2, 0, 0, 1, 0, 1, 0, 0, 0),
+    (COLLAPSE, 0, 2, 0, 0, 1, 0, 0, 0, 0, 0),
+]
+
+
 def _palette(fmt) -> list[Attrs]:
     base = Attrs(present=True, accessed=True, dirty=True)
     raw = [
@@ -296,13 +315,13 @@ class World:
             huge = [run.va for run in runs if run.level >= 1]
             if huge:  # aim at a huge leaf
                 start = max(huge[pu * 977 % len(huge)], self.wbase)
-            hit = pt.lookup(start)
-            if hit is not None and hit[0] >= 1:
-                pt.split(start, hit[0])
-                assert pt.lookup(start)[0] == hit[0] - 1
+            hit = pt.translate(start).level  # the leaf, present or not (lookup: present)
+            if hit is not None and hit >= 1:
+                pt.split(start, hit)
+                assert pt.translate(start).level == hit - 1
                 self.last_split = start
             else:
-                level = 1 if hit is None else hit[0] + 1
+                level = 1 if hit is None else hit + 1
                 if level <= pt.top:
                     return self._expect_fail(EngineError, pt.split, start, level)
         elif kind == COLLAPSE:
@@ -310,7 +329,8 @@ class World:
                 start = self.last_split
             lo = start - (start - self.wbase) % U
             hi = min(lo + max(size, U) // U * U, self.wbase + self.wsize)
-            assert pt.collapse(lo, hi - lo) >= 0
+            want = self.expected_collapse(r, lo, hi)
+            assert pt.collapse(lo, hi - lo) == want
         elif kind == SHARE:
             return self._share(r, pt, other, start, flags, choice)
         elif kind == CLONE:
@@ -331,6 +351,48 @@ class World:
                 if slot in self.shared:
                     self.busy[1 - r].add(slot)
         return False
+
+    def expected_collapse(self, r: int, lo: int, hi: int) -> int:
+        """Tables ``collapse(lo, hi - lo)`` on root ``r`` must merge, worked out without the
+        engine: from the leaves the walker sees (page level, own attributes incl. the
+        contiguous hint, PA; checked against the oracle after the previous step) and the
+        test's own record of shared and preallocated (pinned) level-1 slots. Bottom-up, an
+        aligned block inside [lo, hi) whose size is a leaf size merges when all its pages are
+        leaves one level down with one set of attributes, one PA offset and an aligned PA."""
+        fmt, g = self.fmt, self.g
+        n = (hi - lo) // g
+        lvl = np.full(n, -1, np.int64)
+        key = np.full(n, -1, np.int64)
+        delta = np.zeros(n, np.uint64)
+        keys: dict[Attrs, int] = {}
+        w = Walker(fmt, self.mem, self.pts[r].root, include_nonpresent=True, own_attrs=True)
+        for run in w.runs(lo, hi):
+            sl = slice((run.va - lo) // g, (run.end - lo) // g)
+            lvl[sl] = run.level
+            key[sl] = keys.setdefault(run.own, len(keys))
+            delta[sl] = (run.pa - run.va) % (1 << 64)
+        attrs_of = {i: a for a, i in keys.items()}
+        merged = 0
+        for level in range(1, fmt.top_level + 1):
+            if level not in fmt.leaf_levels:
+                continue
+            esz = fmt.entry_size(level)
+            for b in range(-(-lo // esz) * esz, hi - esz + 1, esz):
+                sl = slice((b - lo) // g, (b + esz - lo) // g)
+                k, d = int(key[sl.start]), int(delta[sl.start])
+                if not ((lvl[sl] == level - 1).all() and (key[sl] == k).all()
+                        and (delta[sl] == d).all() and (b + d) % (1 << 64) % esz == 0):
+                    continue
+                if level == 1:
+                    slot = (b - self.wbase) // self.l1
+                    if slot in self.shared or slot in self.busy[r]:
+                        continue  # a table linked from both roots, or pinned
+                merged += 1
+                lvl[sl] = level
+                plain = attrs_of[k].with_(contiguous=False)
+                key[sl] = keys.setdefault(plain, len(keys))
+                attrs_of[key[sl.start]] = plain
+        return merged
 
     def _share(self, r: int, pt, other, start: int, flags: int, choice: int) -> bool:
         l1, per = self.l1, self.l1 // self.g
@@ -354,8 +416,8 @@ class World:
             return self._expect_fail(MappingExists, pt.share, other, va, nslots * l1, 1)
         copy = {}
         for s in slots:
-            hit = other.lookup(self.wbase + s * l1)
-            copy[s] = hit is not None and hit[0] >= 1
+            hit = other.translate(self.wbase + s * l1).level  # present or not
+            copy[s] = hit is not None and hit >= 1
         pt.share(other, va, nslots * l1, 1, replace=replace)
         for s in slots:
             sl = slice(s * per, (s + 1) * per)
@@ -393,6 +455,7 @@ def test_engine_matches_oracle(fmt) -> None:
               suppress_health_check=list(HealthCheck), phases=PHASES)
     @given(st.lists(OP, min_size=STEPS, max_size=STEPS))
     @example(EXPLICIT)
+    @example(EXPLICIT_COLLAPSE)
     def run(ops: list[tuple]) -> None:
         world = World(fmt)
         for op in ops:

@@ -139,6 +139,8 @@ def test_arm64_lines_match_kernel_format_strings():
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_dump_matches_fixture(name):
+    """Regression golden: the fixtures are this renderer's own output, not kernel output (their
+    lines are checked against the kernel's format strings in test_ptdump_kernel_format.py)."""
     b = SCENARIOS[name]()
     expected = (DATA / f"ptdump-{name}.txt").read_text()
     assert dump(b.fmt, b.mem, b.root) == expected
@@ -325,3 +327,25 @@ def test_wx_counts_like_the_kernel():
     assert (report.wx_pages, report.uxn_pages) == (0, 2)
     assert report.message == ("Checked W+X mappings: FAILED, 0 W+X pages found, "
                               "2 non-UXN pages found")
+
+
+def test_wx_judges_effective_bits_on_x86_and_own_bits_on_arm64():
+    """x86 note_wx() sees effective permissions (an NX pud hides a W+X pte); arm64's
+    note_page() masks the leaf's own bits only (arch/arm64/mm/ptdump.c), so a W+X leaf under
+    a PXNTable entry still counts."""
+    x86 = X86_64(4)
+    b = TableBuilder(x86)
+    va = 0xFFFF_8880_0000_0000
+    b.map(va, 0x200_0000, 2 * K4, X86_ROX.with_(writable=True))
+    assert check_wx(x86, b.mem, b.root).wx_pages == 2
+    b.set_table_attrs(va, 2, x86.table_attrs().with_(exec=False, uexec=False))
+    assert check_wx(x86, b.mem, b.root).passed
+    arm = Arm64(4096, 48)
+    b = TableBuilder(arm)
+    va = 0xFFFF_0000_0000_0000
+    b.map(va, 0x4000_0000, 2 * K4, ARM64_PAGE_KERNEL.with_(exec=True))
+    assert check_wx(arm, b.mem, b.root).wx_pages == 2
+    b.set_table_attrs(va, 1, arm.table_attrs().with_(exec=False))
+    assert walk_runs(arm, b.mem, b.root)[0][0].attrs.exec is False  # effective: not executable
+    report = check_wx(arm, b.mem, b.root)
+    assert (report.wx_pages, report.uxn_pages) == (2, 0)

@@ -76,6 +76,7 @@ def test_map_uses_largest_page_sizes(fmt) -> None:
 
 def test_map_refuses_overlap_and_names_va(fmt) -> None:
     pt, _ = fresh(fmt)
+    pt.gather.record = True
     va = va0(fmt)
     pt.map(va + 8 * K, 0, 4 * K, KATTRS)
     snap = pt.mem.snapshot()
@@ -84,7 +85,10 @@ def test_map_refuses_overlap_and_names_va(fmt) -> None:
     assert pt.mem.snapshot() == snap
     pt.map(va, 0x20_0000, 2 * M, KATTRS, replace=True)
     assert translate(fmt, pt.mem, pt.root, va + 8 * K).pa == 0x20_0000 + 8 * K
-    assert pt.gather.stats.flushes >= 1  # the replaced present leaf was flushed
+    # Filling empty entries needs no flush (set_pte on a none pte); replacing the present
+    # 4K leaf does, for that page alone: the existing pte table is descended into and
+    # only its one present entry changes.
+    assert pt.gather.stats.flushes == 1 and pt.gather.log == [[(va + 8 * K, va + 12 * K)]]
 
 
 def test_map_bad_input_is_one_clear_error() -> None:
@@ -123,7 +127,8 @@ def test_partial_unmap_of_huge_leaf_keeps_the_rest(fmt) -> None:
     pt.unmap(va + 2 * M + 4 * K, 4 * K)
     lv = levels(pt, va, G)
     assert lv.count(1) == 511 and lv.count(0) == 511
-    assert translate(fmt, pt.mem, pt.root, va + 2 * M + 4 * K).fault is not None
+    hole = translate(fmt, pt.mem, pt.root, va + 2 * M + 4 * K)
+    assert hole.fault == f"not present at {fmt.level_name(0)}"
     t = translate(fmt, pt.mem, pt.root, va + G - 1)
     assert t.pa == G - 1 and t.mapped
     assert sum(r.size for r in runs(pt, va, G)) == G - 4 * K
@@ -253,7 +258,9 @@ def test_batch_of_scattered_unmaps_costs_one_flush() -> None:
         for i in range(100):
             pt.unmap(va + i * 9 * M, 4 * K)  # scattered pages, each in its own pte table
         assert g.stats.flushes == f0 and len(g.pending) == 100
-    assert g.stats.flushes == f0 + 1 and g.stats.pages_flushed >= 100
+    # one flush (tlb_finish_mmu) of the 100 scattered pages, none merged, nothing else
+    assert g.stats.flushes == f0 + 1 and g.stats.ranges_flushed == 100
+    assert g.stats.pages_flushed == 100 and g.stats.tables_freed == 0
     for i in range(100, 110):
         pt.unmap(va + i * 9 * M, 4 * K)
     assert g.stats.flushes == f0 + 11  # one per operation outside a batch
@@ -287,7 +294,8 @@ def test_share_makes_later_changes_visible_in_both_roots(fmt) -> None:
     kernel.map(va + 2 * G, 0x1000_0000, 4 * K, KATTRS)  # later change below the shared level
     assert translate(fmt, asi.mem, asi.root, va + 2 * G).pa == 0x1000_0000
     asi.unmap(va, 2 * M)  # and the other way round
-    assert translate(fmt, kernel.mem, kernel.root, va).fault is not None
+    gone = translate(fmt, kernel.mem, kernel.root, va)  # its pmd table emptied and freed
+    assert gone.fault == f"not present at {fmt.level_name(2)}"
     n = pool.allocated
     kernel.destroy()  # the shared sub-tables survive: asi still references them
     assert pool.allocated == n - 1
@@ -311,7 +319,7 @@ def test_share_at_pmd_level_conflicts_copy_and_unshare(fmt) -> None:
     src.unmap(va + 2 * M, 2 * M)  # copied slot: dst keeps its copy
     assert translate(fmt, dst.mem, dst.root, va + 2 * M).pa == 0x20_0000
     assert dst.unshare(va, 6 * M, 1) == 2
-    assert translate(fmt, dst.mem, dst.root, va).fault is not None
+    assert translate(fmt, dst.mem, dst.root, va).fault == f"not present at {fmt.level_name(1)}"
     assert translate(fmt, src.mem, src.root, va).pa == 0
     dst.destroy()
     src.destroy()
@@ -464,9 +472,103 @@ def test_set_table_attrs_restricts_everything_below(fmt) -> None:
     top = fmt.top_level
     assert pt.translate(va).attrs.uexec
     nx = fmt.table_attrs().with_(user=True, exec=False, uexec=False)
+    pt.gather.record = True
     pt.set_table_attrs(va, top, nx)  # KPTI: NX on the kernel copy of a user pgd entry
     t = pt.translate(va)
     assert t.pa == 0 and not t.attrs.uexec and not t.attrs.exec
-    assert pt.gather.stats.flushes >= 1
+    # a restriction on an upper entry changes every translation below it: one flush of
+    # the entry's whole span (the map before it filled empty entries: no flush)
+    span = fmt.entry_size(top)
+    assert pt.gather.stats.flushes == 1
+    assert pt.gather.log == [[(va - va % span, va - va % span + span)]]
+    pt.set_table_attrs(va, top, nx)  # no change: no flush
+    assert pt.gather.stats.flushes == 1
     with pytest.raises(EngineError, match="no table entry"):
         pt.set_table_attrs(va + 4 * G, 1, nx)
+
+
+# --- exact flushes ----------------------------------------------------------------------------
+def test_each_operation_flushes_exactly_what_changed(fmt) -> None:
+    """One flush per operation that changed a present translation or freed a table (the
+    model's mmu_gather: ranges coalesced, table pages freed after it), none otherwise;
+    the ranges are those the kernel must flush."""
+    pt, pool = fresh(fmt)
+    g = pt.gather
+    g.record = True
+    va = va0(fmt)
+    pt.map(va, 0, G + 2 * M, KATTRS)  # new tables, empty entries filled: nothing to flush
+    assert g.flushes == 0
+    # set_memory_ro on one page inside a 2M leaf: split_large_page replaces the huge
+    # mapping (the whole 2M must go from the TLB) and the page changes inside it; the
+    # gather coalesces both into one flush of the huge page's span (x86 CPA flushes the
+    # split with flush_tlb_all before cpa_flush of the page: the same translations).
+    pt.protect(va + G + 8 * K, 4 * K, clear=["writable"])
+    assert g.flushes == 1 and g.log[-1] == [(va + G, va + G + 2 * M)]
+    pt.protect(va + G + 8 * K, 4 * K, clear=["writable"])  # already read-only: no change
+    assert g.flushes == 1
+    pt.unmap(va + G + 12 * K, 4 * K)  # one pte cleared: flush_tlb_kernel_range of it
+    assert g.flushes == 2 and g.log[-1] == [(va + G + 12 * K, va + G + 16 * K)]
+    # the rest of that 2M: the pte table and the pmd table above it (now empty) go; one
+    # flush of the range, the two table pages freed after it (tlb_remove_table)
+    pt.unmap(va + G, 2 * M)
+    assert g.flushes == 3 and g.log[-1] == [(va + G, va + G + 2 * M)]
+    assert g.stats.tables_freed == 2 and pool.allocated == 2
+    pt.split(va, 2)  # a 1G leaf becomes 512 2M leaves: the whole 1G span
+    assert g.flushes == 4 and g.log[-1] == [(va, va + G)] and pool.allocated == 3
+    assert pt.collapse(va, G) == 1  # and back: the table freed, the span flushed once
+    assert g.flushes == 5 and g.log[-1] == [(va, va + G)] and g.stats.tables_freed == 3
+    assert pt.collapse(va, G) == 0 and g.flushes == 5  # nothing to collapse: no flush
+    assert g.stats.ranges_flushed == 5
+
+
+def test_contiguous_unfold_flushes_the_whole_group() -> None:
+    """arm64 contpte_convert: changing one page of a CONT_PTE group rewrites the group
+    without the hint and flushes the whole group range (__flush_tlb_range over it)."""
+    pt, _ = fresh(ARM)
+    g = pt.gather
+    g.record = True
+    va = va0(ARM)
+    pt.map(va, 0, 2 * M, KATTRS, page_sizes=[4 * K, 64 * K])
+    assert g.flushes == 0
+    pt.unmap(va + 64 * K + 8 * K, 4 * K)
+    assert g.flushes == 1 and g.log[-1] == [(va + 64 * K, va + 128 * K)]
+    pt.protect(va + 64 * K, 4 * K, clear=["writable"])  # group already unfolded: one page
+    assert g.flushes == 2 and g.log[-1] == [(va + 64 * K, va + 68 * K)]
+
+
+# --- lookup and translate: one answer --------------------------------------------------------
+@pytest.mark.parametrize("fmt", all_configs(), ids=lambda f: f.name)
+def test_lookup_and_translate_agree_on_every_va(fmt) -> None:
+    """Leaves, holes, non-present small and huge leaves: lookup(va) is translate(va)'s
+    answer, and both match the leaves the engine lists (an independent descent)."""
+    pt, _ = fresh(fmt)
+    gr, l1 = fmt.table_bytes, fmt.entry_size(1)
+    base = fmt.va_ranges()[-1][0]
+    pt.map(base, 3 * l1, l1, KATTRS)  # one huge leaf
+    pt.map(base + l1, 0x5 * gr, 8 * gr, KATTRS, page_sizes=[gr])  # small leaves
+    pt.protect(base + l1 + 2 * gr, gr, clear=["present"])  # a non-present small leaf
+    # [base + l1 + 8 granules, base + 2 l1): a hole
+    pt.map(base + 2 * l1, 5 * l1, l1, KATTRS)
+    pt.protect(base + 2 * l1, l1, clear=["present"])  # a non-present huge leaf
+    listed = {va: (lvl, e) for va, lvl, e in pt.leaves(base, 3 * l1)}
+    assert sorted(lvl for lvl, _ in listed.values()) == [0] * 8 + [1, 1]
+    step = max(gr, l1 // 256)
+    vas = sorted({*range(base, base + 3 * l1, step), *range(base + l1, base + l1 + 9 * gr, gr)})
+    kinds = set()
+    for va in vas:
+        t, hit = pt.translate(va), pt.lookup(va)
+        leaf = next(((lva, lvl, e) for lva, (lvl, e) in listed.items()
+                     if lva <= va < lva + fmt.entry_size(lvl)), None)
+        if leaf is None:
+            kinds.add("hole")
+            assert hit is None and t.fault is not None and t.fault.startswith("not present at")
+            continue
+        lva, lvl, e = leaf
+        assert t.level == lvl and t.steps[-1].entry == e and t.pa == e.oa + va - lva
+        if e.attrs.present:
+            kinds.add(f"leaf{lvl}")
+            assert t.fault is None and hit == (lvl, e)
+        else:
+            kinds.add(f"non-present{lvl}")
+            assert t.fault == "not present" and hit is None
+    assert kinds == {"hole", "leaf0", "leaf1", "non-present0", "non-present1"}

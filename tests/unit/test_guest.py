@@ -6,7 +6,8 @@ import os
 import socket
 
 import pytest
-from ptharness.guest import AgentError, Guest, GuestError, free_port, sweep_stale_rundirs
+from ptharness.errors import AgentError, AgentProtocolError
+from ptharness.guest import AGENT, Guest, GuestError, free_port, sweep_stale_rundirs
 from ptharness.profiles import RunPaths
 
 
@@ -25,60 +26,90 @@ def test_unstarted_guest_refuses_work():
         _ = g.memory
     with pytest.raises(GuestError):
         _ = g.rundir
-    g.close()  # closing a never-started guest is harmless
+    g.close()  # closing a never-started guest is harmless, twice too
     g.close()
+    assert not g.alive and g.pid is None
+    with pytest.raises(GuestError, match="closed"):
+        g.ssh("true")  # and says why it does no work
 
 
 @pytest.fixture
 def fake(monkeypatch):
     g = Guest("x86_64")
     replies: list[tuple[int, str, str]] = []
-    monkeypatch.setattr(g, "ssh", lambda cmd, timeout=30: replies.pop(0))
-    return g, replies
+    commands: list[str] = []
+
+    def ssh(cmd: str, timeout: float = 30) -> tuple[int, str, str]:
+        commands.append(cmd)
+        return replies.pop(0)
+
+    monkeypatch.setattr(g, "ssh", ssh)
+    return g, replies, commands
+
+
+PING = '{"pong": true, "pid": 41, "objects": 0, "uptime_s": 7}'
 
 
 def test_agent_ok_reply(fake):
-    g, replies = fake
-    replies.append((0, 'noise\n{"release": "6.1", "n": 3}\n', ""))
-    assert g.agent("info") == {"release": "6.1", "n": 3}
+    g, replies, commands = fake
+    replies.append((0, PING + "\n", ""))
+    assert g.agent("ping") == {"pong": True, "pid": 41, "objects": 0, "uptime_s": 7}
+    assert commands == [f"{AGENT} ping"]
+    replies.append((0, '{"block": 7, "state": "online"}\n', ""))
+    assert g.agent("online", "7", "online movable") == {"block": 7, "state": "online"}
+    assert commands[-1] == f"{AGENT} online 7 'online movable'"
 
 
-@pytest.mark.parametrize("out,errno", [
-    ('{"error": "Function not implemented", "errno": 38}', 38),
-    ('{"ok": false, "error": {"errno": 1, "msg": "EPERM"}}', 1),
-])
-def test_agent_error_reply(fake, out, errno):
-    g, replies = fake
-    replies.append((1, out + "\n", ""))
+def test_agent_error_reply(fake):
+    g, replies, _ = fake
+    replies.append((1, '{"error": "Function not implemented", "errno": 38}\n', ""))
     with pytest.raises(AgentError) as e:
         g.agent("secretmem", "16")
-    assert e.value.errno == errno
+    assert e.value.errno == 38 and e.value.msg == "Function not implemented"
 
 
-@pytest.mark.parametrize("out", ["", "not json", "[1, 2]"])
-def test_agent_garbage_reply(fake, out):
-    g, replies = fake
-    replies.append((127, out, "sh: ptagent: not found"))
-    with pytest.raises(AgentError, match="no JSON"):
-        g.agent("info")
-
-
-@pytest.mark.parametrize("info,expected", [
-    ({"vmcoreinfo": {"paddr": 0x4BC1000, "size": 0x1024}}, (0x4BC1000, 0x1024)),
-    ({"vmcoreinfo": {"pa": "0x4bc1000", "size": "0x1024"}}, (0x4BC1000, 0x1024)),
-    ({"vmcoreinfo": "4bc1000 1024"}, (0x4BC1000, 0x1024)),
+@pytest.mark.parametrize("status,out", [
+    (127, ""),                                                   # sh: ptagent: not found
+    (0, "not json"),
+    (0, "[1, 2]"),
+    (0, 'noise\n' + PING),                                        # one line, nothing else
+    (1, '{"ok": false, "error": {"errno": 1, "msg": "EPERM"}}'),  # not the error object
+    (0, '{"pong": true, "pid": "41", "objects": 0, "uptime_s": 7}'),
 ])
-def test_vmcoreinfo_location_from_agent(info, expected):
-    g = Guest("x86_64")
-    g.info = info
-    assert g._vmcoreinfo_location() == expected
+def test_agent_undocumented_reply(fake, status, out):
+    g, replies, _ = fake
+    replies.append((status, out, "sh: ptagent: not found"))
+    with pytest.raises(AgentProtocolError, match="^ptagent ping: ") as e:
+        g.agent("ping")
+    assert e.value.command == ["ping"]
 
 
-def test_vmcoreinfo_location_falls_back_to_sysfs(fake):
-    g, replies = fake
-    g.info = {"release": "6.1"}
+INFO = {"uname": {"sysname": "Linux", "release": "6.1", "version": "#1", "machine": "x86_64",
+                  "nodename": "g"},
+        "page_size": 4096, "cmdline": "", "vmcoreinfo": {"paddr": 0x4BC1000, "size": 0x1024},
+        "kallsyms_visible": True, "kallsyms": {}, "kvars": {},
+        "system_ram": [{"start": 0x1000, "end": 0x9FC00}]}
+
+
+def test_vmcoreinfo_location_from_agent(fake):
+    g, replies, commands = fake
+    g.info = INFO
+    assert g._vmcoreinfo_location() == (0x4BC1000, 0x1024)
+    assert commands == []  # no SSH: the info reply had it
+    g.info = {**INFO, "vmcoreinfo": None}
+    with pytest.raises(GuestError, match="no /sys/kernel/vmcoreinfo"):
+        g._vmcoreinfo_location()
+
+
+def test_vmcoreinfo_location_from_sysfs(fake):
+    g, replies, commands = fake
     replies.append((0, "000000004bc1000 1024\n", ""))
     assert g._vmcoreinfo_location() == (0x4BC1000, 0x1024)
+    assert commands == ["cat /sys/kernel/vmcoreinfo"]
+    for bad in [(1, "", "No such file"), (0, "4bc1000\n", ""), (0, "zz 1024\n", "")]:
+        replies.append(bad)
+        with pytest.raises(GuestError, match="vmcoreinfo"):
+            g._vmcoreinfo_location()
 
 
 def test_console_tail(tmp_path):
@@ -94,8 +125,13 @@ def test_console_tail(tmp_path):
 
 def test_free_port_is_bindable():
     port = free_port()
+    assert 1024 <= port < 65536  # an ephemeral port, not a privileged one
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+        assert s.getsockname() == ("127.0.0.1", port)
+        s.listen(1)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            assert c.getpeername() == ("127.0.0.1", port)
 
 
 def test_start_twice_keeps_the_first(tmp_path):

@@ -1,4 +1,5 @@
-"""Monitor-text parsers (HMP info registers, info mtree -f) and Monitor failure handling."""
+"""Monitor-text parsers (HMP info registers, info mtree -f) and the Monitor: failure handling
+without QEMU, then commands, HMP, events and a dying peer against a real QEMU."""
 
 from __future__ import annotations
 
@@ -80,3 +81,44 @@ def test_monitor_errors_are_bounded(tmp_path):
     assert time.monotonic() - t < 2
     with pytest.raises(MonitorError, match="exited"):
         m.connect(time.monotonic() + 5, alive=lambda: False)
+
+
+def test_monitor_against_real_qemu(tmp_path):
+    """Monitor over QEMU's own QMP server (no guest: machine none, vCPUs not started)."""
+    import subprocess
+
+    sock = tmp_path / "qmp.sock"
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    m = Monitor(sock, timeout=10)
+    try:
+        m.connect(time.monotonic() + 20, alive=lambda: proc.poll() is None)
+        status = m.cmd("query-status")
+        assert (status["status"], status["running"]) == ("prelaunch", False)
+        version = m.cmd("query-version")["qemu"]
+        assert m.hmp("info version").startswith(f"{version['major']}.{version['minor']}.")
+        with pytest.raises(MonitorError, match="no-such-command"):
+            m.cmd("no-such-command")
+        m.clear_events()
+        m.cmd("cont")
+        assert m.wait_event("RESUME", 10)["event"] == "RESUME"
+        assert m.cmd("query-status")["running"] is True
+        m.cmd("stop")
+        m.clear_events()  # the STOP event is dropped: the next wait sees only newer ones
+        with pytest.raises(MonitorError, match="no STOP event"):
+            m.wait_event("STOP", 0.3)
+        proc.kill()
+        proc.wait(10)
+        with pytest.raises(MonitorError, match="query-status"):
+            m.cmd("query-status")  # QEMU gone: one MonitorError, no hang
+    finally:
+        m.close()
+        m.close()  # idempotent
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        proc.stderr.close()
+    with pytest.raises(MonitorError, match="not connected"):
+        m.cmd("query-status")

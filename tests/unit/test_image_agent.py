@@ -6,33 +6,39 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+from ptharness.agent_reply import check_reply
 
 GUEST = Path(__file__).resolve().parents[2] / "guest"
-
-pytestmark = pytest.mark.skipif(
-    platform.machine() != "x86_64" or not shutil.which("gcc") or not shutil.which("make"),
-    reason="needs an x86_64 host with gcc and make")
+HOST_TARGET = {"x86_64": "x86_64", "aarch64": "arm64"}  # guest/Makefile's ptagent-<arch>
 
 
 @pytest.fixture(scope="module")
 def agent() -> Path:
-    subprocess.run(["make", "-s", "-C", str(GUEST), "build/ptagent-x86_64"], check=True,
+    """ptagent built for the host (gcc and make are host dependencies: images/host-deps.sh)."""
+    arch = HOST_TARGET.get(platform.machine())
+    assert arch, f"no ptagent build for a {platform.machine()} host"
+    subprocess.run(["make", "-s", "-C", str(GUEST), f"build/ptagent-{arch}"], check=True,
                    timeout=120)
-    return GUEST / "build" / "ptagent-x86_64"
+    return GUEST / "build" / f"ptagent-{arch}"
 
 
 def run(agent: Path, *args: str, env: dict | None = None) -> tuple[int, dict]:
+    """Exit status and reply; each reply must have PROTOCOL.md's shape for its command."""
     proc = subprocess.run([str(agent), *args], capture_output=True, text=True, timeout=30,
                           env=env)
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout       # exactly one JSON object per reply line
-    return proc.returncode, json.loads(lines[0])
+    reply = json.loads(lines[0])
+    if proc.returncode == 0:
+        check_reply(list(args), reply)
+    else:
+        assert proc.returncode == 1 and sorted(reply) == ["errno", "error"], proc.stdout
+    return proc.returncode, reply
 
 
 @pytest.mark.parametrize("args", [[], ["bogus"], ["online", "x"], ["kread", "1", "0"],

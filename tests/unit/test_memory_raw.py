@@ -34,7 +34,7 @@ def test_regions_map_pa_to_file_offsets(image):
         assert mem.ranges() == [(0x1000, 0x3000), (0x10_0000_0000, 0x10_0000_1000)]
         t = mem.read_table(0x10_0000_0000, 512)
         assert np.array_equal(t, data[512:1024])
-        # zero copy: a view of the mapping, read-only
+        # a read-only array (read with pread: a dump truncated under us is an error, not SIGBUS)
         assert not t.flags.writeable and not t.flags.owndata
         # a read spanning the two PA-adjacent regions joins file pages 0 and 2
         got = mem.read(0x2000 - 8, 16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import lzma
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -183,8 +184,14 @@ def test_info_tlb_rejects_non_leaf_output(text):
 def test_info_tlb_wrapper_times_and_parses():
     text = "ffff888000000000: 0000000000000000 XG-DA---W\r\n"
     calls = []
-    lines, secs = oracle.info_tlb(lambda c: calls.append(c) or text)
-    assert calls == ["info tlb"] and secs >= 0
+
+    def hmp(cmd: str) -> str:
+        calls.append(cmd)
+        time.sleep(0.05)  # the monitor's time is what info_tlb reports
+        return text
+
+    lines, secs = oracle.info_tlb(hmp)
+    assert calls == ["info tlb"] and 0.05 <= secs < 5
     assert lines == [TlbLine(0xFFFF_8880_0000_0000, 0, "XG-DA---W")]
 
 
@@ -212,8 +219,13 @@ def test_gva2gpa_many_and_disagreements():
     table = {0xFFFF_8880_0000_0000: 0x1000, 0xFFFF_8880_0000_1000: 0}
     hmp = fake_gva2gpa(table)
     vas = [0xFFFF_8880_0000_0008, 0xFFFF_8880_0000_1010, 0xFFFF_8880_0000_2000]
-    batch = oracle.gva2gpa_many(hmp, vas)
-    assert batch.gpas == [0x1008, 0x10, None] and batch.per_call_us >= 0
+    def slow_hmp(cmd: str) -> str:
+        time.sleep(0.01)
+        return hmp(cmd)
+
+    batch = oracle.gva2gpa_many(slow_hmp, vas)
+    assert batch.gpas == [0x1008, 0x10, None] and batch.vas == vas
+    assert 10_000 <= batch.per_call_us < 1_000_000  # 3 calls of >= 10 ms each, per call
     assert oracle.disagreements([0x1008, 0x10, None], batch) == []
     bad = oracle.disagreements([0x1008, None, 0x5000], batch)
     assert [d.va for d in bad] == vas[1:]

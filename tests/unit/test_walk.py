@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
 from ptlab.formats.arm64 import Arm64
 from ptlab.formats.base import Attrs, Kind
@@ -9,6 +12,7 @@ from ptlab.formats.x86 import X86_64
 from ptlab.memory import SparseMemory
 from ptlab.testing import ARM64_PAGE_KERNEL, X86_PAGE_KERNEL, TableBuilder, linear_map_model
 from ptlab.walk import HOLE_ATTRS, Walker, translate, walk_runs
+from ptlab.walk.walker import continues
 
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 X86_RX = X86_PAGE_KERNEL.with_(writable=False, exec=True, uexec=True)
@@ -253,3 +257,22 @@ def test_own_attrs_split_where_effective_hides_a_difference():
     runs = runs_of(b, own_attrs=True)
     assert [(r.count, r.attrs.writable, r.own.writable) for r in runs] == [
         (4, False, True), (4, False, False)]
+
+
+def test_run_rule_is_one_predicate_on_scalars_and_arrays():
+    """continues() is the one run rule: applied to every combination of scalars it gives the
+    expected verdicts, and applied to the same combinations as numpy arrays (the vectorised
+    paths) exactly the scalar answers."""
+    kinds = [int(Kind.EMPTY), int(Kind.TABLE), int(Kind.LEAF)]
+    combos = list(itertools.product(kinds, [0, 1], kinds, [0, 1], [False, True], [False, True]))
+    scalar = [bool(continues(*c)) for c in combos]
+    cols = [np.array(col) for col in zip(*combos, strict=True)]
+    assert continues(*cols).tolist() == scalar
+    for (pk, pkey, k, key, adj, contig), got in zip(combos, scalar, strict=True):
+        want = adj and pk == k and (k == Kind.EMPTY or (pkey == key
+                                                      and (k == Kind.TABLE or contig)))
+        assert got == want, (pk, pkey, k, key, adj, contig)
+    # the open run (Kind members, None keys for holes) against the next segment
+    assert continues(Kind.EMPTY, None, Kind.EMPTY, None, True, False)
+    assert not continues(Kind.LEAF, 3, Kind.EMPTY, None, True, True)
+    assert not continues(Kind.LEAF, 3, Kind.LEAF, 3, False, True)

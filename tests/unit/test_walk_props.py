@@ -124,7 +124,8 @@ def test_diff_covers_exactly_the_differing_pages(fmt, old, new):
 @given(fmt=st.sampled_from(FORMATS), maps=long_mapping, holes=st.lists(st.integers(0, SLOTS - 1)),
        nonpresent=st.lists(st.integers(0, SLOTS - 1)),
        kw=st.sampled_from([{}, {"ignore_ad": True}, {"include_nonpresent": True},
-                           {"own_attrs": True}]),
+                           {"own_attrs": True}, {"include_holes": True},
+                           {"include_holes": True, "include_nonpresent": True}]),
        clip=st.integers(0, SLOTS // 2), level=st.sampled_from([1, 2]), split=st.booleans())
 def test_vectorised_emission_equals_the_per_run_loop(monkeypatch_module, fmt, maps, holes,
                                                      nonpresent, kw, clip, level, split):

@@ -1,8 +1,9 @@
 """W+X audit: mappings both writable and kernel-executable (what CONFIG_DEBUG_WX checks).
 
-x86: ``note_wx()`` counts effective RW && !NX (arch/x86/mm/dump_pagetables.c); arm64:
-``note_prot_wx()`` counts !PTE_RDONLY && !PTE_PXN, and ``note_prot_uxn()`` non-UXN pages
-(arch/arm64/mm/ptdump.c). Works on walker runs or parsed ptdump lines.
+The rule and the boot-log line are the architecture's (:meth:`ptlab.arch.ArchOps.wx_count`,
+``wx_message``): x86 ``note_wx()`` counts effective RW && !NX; arm64 ``note_prot_wx()``
+counts !PTE_RDONLY && !PTE_PXN and ``note_prot_uxn()`` non-UXN pages. Works on walker runs or
+parsed ptdump lines.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..arch import arch_for
 from ..formats.base import Format, Kind
 from ..walk import Run, Walker
-from .render import DumpRun, kernel_ranges
+from .render import DumpRun
 
 __all__ = ["WXReport", "check_wx", "is_wx", "wx_runs"]
 
@@ -40,6 +42,7 @@ class WXReport:
     wx_pages: int
     uxn_pages: int  # arm64: kernel pages executable at EL0 (non-UXN); x86: 0
     message: str
+    complete: bool = True  # False: the walk ran out of budget (garbage); the verdict is partial
 
     @property
     def passed(self) -> bool:
@@ -50,22 +53,14 @@ def check_wx(fmt: Format, mem, root: int, page_size: int | None = None) -> WXRep
     """ptdump_check_wx() / ptdump_walk_pgd_level_checkwx() over ``root``: the kernel's
     "Checked W+X mappings" verdict. Counted as the kernel counts: over the ranges its walk
     covers (x86 skips the hypervisor hole) and from the entries' bits whether or not they are
-    present (the kernel reads a non-present entry's RW/NX too)."""
-    walker = Walker(fmt, mem, root, include_nonpresent=True)
-    runs = [r for s, e in kernel_ranges(fmt) for r in walker.runs(s, e)]
-    unit = page_size or fmt.page_sizes()[0]
-    wx = [r for r in runs if r.attrs.writable and r.attrs.exec]
-    wx_pages = sum(r.size // unit for r in wx)
-    if fmt.arch == "arm64":
-        uxn = sum(r.size // unit for r in runs if r.attrs.uexec)
-        if wx_pages or uxn:
-            msg = (f"Checked W+X mappings: FAILED, {wx_pages} W+X pages found, "
-                   f"{uxn} non-UXN pages found")
-        else:
-            msg = "Checked W+X mappings: passed, no W+X pages found"
-        return WXReport(wx, wx_pages, uxn, msg)
-    if wx_pages:
-        msg = f"x86/mm: Checked W+X mappings: FAILED, {wx_pages} W+X pages found."
-    else:
-        msg = "x86/mm: Checked W+X mappings: passed, no W+X pages found."
-    return WXReport(wx, wx_pages, 0, msg)
+    present (the kernel reads a non-present entry's RW/NX too); x86 judges effective
+    permissions, arm64 the leaves' own bits (``ArchOps.wx_count``)."""
+    walker = Walker(fmt, mem, root, include_nonpresent=True, own_attrs=True)
+    ops = arch_for(fmt)
+    runs, complete = [], True
+    for s, e in ops.ptdump_ranges(fmt):
+        runs.extend(walker.runs(s, e))
+        complete = complete and walker.complete
+    count = ops.wx_count(runs, page_size or fmt.page_sizes()[0])
+    return WXReport(count.runs, count.wx_pages, count.uxn_pages, ops.wx_message(count),
+                    complete)

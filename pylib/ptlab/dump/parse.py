@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 
-from .render import X86_LEVEL_NAMES, DumpRun, _size_text
+from ..arch import ArchError, all_arches, arch_for
+from .render import DumpRun
 
 __all__ = ["PtdumpParseError", "detect_arch", "parse"]
 
 _LINE = re.compile(r"^0x([0-9a-f]{16})-0x([0-9a-f]{16})   +(\d+)([BKMGTPE]) (.*)$")
 _HEADER = re.compile(r"^---\[ (.*) \]---$")
 _SKIPPED = re.compile(r"^\.\.\. \d+ entr(y|ies) skipped \.\.\. ?$")
-_ARM64_LEVELS = ("PGD", "P4D", "PUD", "PMD", "PTE")
-_UNITS = "BKMGTPE"
 
 
 class PtdumpParseError(ValueError):
@@ -21,10 +20,9 @@ class PtdumpParseError(ValueError):
 
 def _arch_of(rest: str) -> str | None:
     words = rest.split()
-    if words and words[-1] in X86_LEVEL_NAMES:
-        return "x86_64"
-    if words and words[0] in _ARM64_LEVELS:
-        return "arm64"
+    for ops in all_arches():
+        if ops.ptdump_words(words) is not None:
+            return ops.name
     return None
 
 
@@ -45,9 +43,12 @@ def parse(text: str, arch: str | None = None) -> list[DumpRun]:
     """
     if not isinstance(text, str):
         raise TypeError(f"ptdump text must be str, not {type(text).__name__}")
-    arch = arch or (detect_arch(text) if text.strip() else "x86_64")
-    if arch not in ("x86_64", "arm64"):
-        raise PtdumpParseError(f"no ptdump format for arch {arch!r}")
+    if arch is None and not text.strip():
+        return []
+    try:
+        ops = arch_for(arch or detect_arch(text))
+    except ArchError:
+        raise PtdumpParseError(f"no ptdump format for arch {arch!r}") from None
     section = ""
     out: list[DumpRun] = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -61,17 +62,11 @@ def parse(text: str, arch: str | None = None) -> list[DumpRun]:
             raise PtdumpParseError(f"line {n}: not a ptdump line: {line!r}")
         va, end = int(m.group(1), 16), int(m.group(2), 16)
         number, unit, rest = int(m.group(3)), m.group(4), m.group(5)
-        words = rest.split()
-        if arch == "x86_64":
-            if not words or words[-1] not in X86_LEVEL_NAMES:
-                raise PtdumpParseError(f"line {n}: no x86 level name: {line!r}")
-            level, flags = words[-1], tuple(words[:-1])
-            span_text = _size_text((end - va) % (1 << 64), _UNITS)
-        else:
-            if not words or words[0] not in _ARM64_LEVELS:
-                raise PtdumpParseError(f"line {n}: no arm64 level name: {line!r}")
-            level, flags = words[0], tuple(words[1:])
-            span_text = _size_text(((end - va) % (1 << 64)) >> 10, _UNITS[1:])
+        split = ops.ptdump_words(rest.split())
+        if split is None:
+            raise PtdumpParseError(f"line {n}: no {ops.name} level name: {line!r}")
+        level, flags = split
+        span_text = ops.ptdump_size_text((end - va) % (1 << 64))
         if span_text.strip() != f"{number}{unit}":
             raise PtdumpParseError(
                 f"line {n}: size {number}{unit} does not match the range ({span_text.strip()})")

@@ -29,47 +29,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..arch import ArchOps, Marker, arch_for
 from ..formats.base import Entry, Format, FormatError, Kind
 from ..walk import Run, Walker
-from .markers import X86_GUARD_HOLE, Marker, default_markers
+from .markers import default_markers
 
 __all__ = [
-    "DumpRun", "Header", "Skipped", "dump", "format_items", "format_runs", "kernel_ranges",
-    "note_runs", "render",
+    "DumpRun", "Header", "Skipped", "dump", "format_items", "format_line", "format_runs",
+    "kernel_ranges", "note_runs", "render",
 ]
 
 _U64 = 1 << 64
-X86_LEVEL_NAMES = ("pgd", "p4d", "pud", "pmd", "pte")
-
-# x86 bits (arch/x86/include/asm/pgtable_types.h)
-_P, _RW, _US, _PWT, _PCD, _PSE, _PAT, _G = 1, 2, 4, 8, 16, 128, 128, 256
-_PAT_LARGE, _NX = 1 << 12, 1 << 63
-X86_PTE_FLAGS_MASK = (_U64 - 1) & ~(((1 << 52) - 1) & ~0xFFF)  # ~PTE_PFN_MASK
-X86_FLAGS = ("USR", "RW", "ro", "PWT", "PCD", "PSE", "PAT", "GLB", "NX", "x")
-
-# arm64 pte_bits[] (arch/arm64/mm/ptdump.c): (mask, val, set, clear)
-_A_VALID, _A_TABLE, _A_USER, _A_RDONLY, _A_SH, _A_AF, _A_NG = 1, 2, 1 << 6, 1 << 7, 3 << 8, \
-    1 << 10, 1 << 11
-_A_GP, _A_CONT, _A_PXN, _A_UXN, _A_ATTRINDX = 1 << 50, 1 << 52, 1 << 53, 1 << 54, 7 << 2
-MT_NAMES = {3: "DEVICE/nGnRnE", 4: "DEVICE/nGnRE", 2: "MEM/NORMAL-NC", 0: "MEM/NORMAL",
-            1: "MEM/NORMAL-TAGGED"}  # MT_* indices of arch/arm64/include/asm/memory.h (6.1)
-ARM64_PTE_BITS: tuple[tuple[int, int, str, str | None], ...] = (
-    (_A_VALID, _A_VALID, " ", "F"),
-    (_A_USER, _A_USER, "USR", "   "),
-    (_A_RDONLY, _A_RDONLY, "ro", "RW"),
-    (_A_PXN, _A_PXN, "NX", "x "),
-    (_A_SH, _A_SH, "SHD", "   "),
-    (_A_AF, _A_AF, "AF", "  "),
-    (_A_NG, _A_NG, "NG", "  "),
-    (_A_CONT, _A_CONT, "CON", "   "),
-    (_A_TABLE, _A_TABLE, "   ", "BLK"),
-    (_A_UXN, _A_UXN, "UXN", "   "),
-    (_A_GP, _A_GP, "GP", "  "),
-    *((_A_ATTRINDX, idx << 2, name, None) for idx, name in MT_NAMES.items()),
-)
-ARM64_PROT_MASK = 0
-for _mask, *_ in ARM64_PTE_BITS:
-    ARM64_PROT_MASK |= _mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,95 +81,15 @@ class Skipped:
 Item = DumpRun | Header | Skipped
 
 
-# --- protection bits ----------------------------------------------------------------------------
-def x86_flag_words(prot: int, depth: int) -> tuple[str, ...]:
-    """printk_prot(): the words printed for ``prot`` at ptdump depth ``depth`` (0 pgd..4 pte)."""
-    if not prot & _P:
-        return ()
-    out = ["USR"] if prot & _US else []
-    out.append("RW" if prot & _RW else "ro")
-    if prot & _PWT:
-        out.append("PWT")
-    if prot & _PCD:
-        out.append("PCD")
-    if depth <= 3 and prot & _PSE:
-        out.append("PSE")
-    if (depth == 4 and prot & _PAT) or (depth in (2, 3) and prot & _PAT_LARGE):
-        out.append("PAT")
-    if prot & _G:
-        out.append("GLB")
-    out.append("NX" if prot & _NX else "x")
-    return tuple(out)
+def format_line(run: DumpRun, arch: str | Format | ArchOps) -> str:
+    """One line exactly as the kernel of ``arch`` prints it (without the newline)."""
+    ops = arch if isinstance(arch, ArchOps) else arch_for(arch)
+    return ops.ptdump_line(run.va, run.end, run.flags, run.level)
 
 
-def arm64_flag_words(prot: int) -> tuple[str, ...]:
-    """dump_prot() over pte_bits[]: the non-blank words printed for ``prot`` (empty if 0)."""
-    if not prot:
-        return ()
-    out = []
-    for mask, val, on, off in ARM64_PTE_BITS:
-        word = on if prot & mask == val else off
-        if word and word.strip():
-            out.append(word.strip())
-    return tuple(out)
-
-
-def _x86_prot_text(flags: tuple[str, ...]) -> str:
-    if not flags:
-        return " " * 30
-    unknown = set(flags) - set(X86_FLAGS)
-    if unknown:
-        raise ValueError(f"unknown x86 ptdump flags {sorted(unknown)}")
-    f = set(flags)
-    return ("USR " if "USR" in f else "    ") + ("RW " if "RW" in f else "ro ") + "".join(
-        f"{w} " if w in f else "    " for w in ("PWT", "PCD", "PSE", "PAT", "GLB")
-    ) + ("NX " if "NX" in f else "x  ")
-
-
-def _arm64_prot_text(flags: tuple[str, ...]) -> str:
-    if not flags:
-        return ""
-    f = set(flags)
-    known = {"F", "USR", "RW", "ro", "NX", "x", "SHD", "AF", "NG", "CON", "BLK", "UXN", "GP",
-             *MT_NAMES.values()}
-    if f - known:
-        raise ValueError(f"unknown arm64 ptdump flags {sorted(f - known)}")
-    words = []
-    for _mask, _val, on, off in ARM64_PTE_BITS:
-        if off is None:  # memory types: printed only when matched
-            if on in f:
-                words.append(on)
-            continue
-        on_word, off_word = on.strip(), off.strip()
-        if on_word:
-            words.append(on if on_word in f else off)
-        else:
-            words.append(off if off_word in f else on)
-    return "".join(" " + w for w in words)
-
-
-def _size_text(delta: int, units: str) -> str:
-    unit = 0
-    while not delta & 1023 and unit + 1 < len(units):
-        delta >>= 10
-        unit += 1
-    return f"{delta:9d}{units[unit]}"
-
-
-def format_line(run: DumpRun, arch: str) -> str:
-    """One line exactly as the kernel prints it (without the newline)."""
-    span = (run.end - run.va) % _U64
-    head = f"0x{run.va:016x}-0x{run.end:016x}   "
-    if arch == "x86_64":
-        return f"{head}{_size_text(span, 'BKMGTPE')} {_x86_prot_text(run.flags)}{run.level}"
-    if arch == "arm64":
-        return f"{head}{_size_text(span >> 10, 'KMGTPE')} {run.level}" + _arm64_prot_text(
-            run.flags)
-    raise ValueError(f"no ptdump format for arch {arch!r}")
-
-
-def format_items(items: Iterable[Item], arch: str) -> str:
+def format_items(items: Iterable[Item], arch: str | Format | ArchOps) -> str:
     """Text of headers, lines and skip notes, one per line."""
+    ops = arch if isinstance(arch, ArchOps) else arch_for(arch)
     out = []
     for it in items:
         if isinstance(it, Header):
@@ -207,11 +97,11 @@ def format_items(items: Iterable[Item], arch: str) -> str:
         elif isinstance(it, Skipped):
             out.append(f"... {it.count} entr{'y' if it.count == 1 else 'ies'} skipped ... ")
         else:
-            out.append(format_line(it, arch))
+            out.append(format_line(it, ops))
     return "".join(line + "\n" for line in out)
 
 
-def format_runs(runs: Iterable[DumpRun], arch: str) -> str:
+def format_runs(runs: Iterable[DumpRun], arch: str | Format | ArchOps) -> str:
     """Text of ``runs`` with a header wherever the section changes (inverse of parse())."""
     items: list[Item] = []
     section = None
@@ -226,33 +116,23 @@ def format_runs(runs: Iterable[DumpRun], arch: str) -> str:
 # --- the note_page state machine ----------------------------------------------------------------
 def kernel_ranges(fmt: Format) -> list[tuple[int, int]]:
     """VA ranges the kernel's ptdump walks for this root (x86 skips the hypervisor hole)."""
-    if fmt.arch == "x86_64":
-        half = 1 << (fmt.va_bits - 1)
-        return [(0, half), (X86_GUARD_HOLE[fmt.levels][1], _U64)]
-    return fmt.va_ranges()
+    return arch_for(fmt).ptdump_ranges(fmt)
 
 
 class _Codec:
-    """Run -> (ptdump depth, protection value, printed words), cached per attrs and level."""
+    """Run -> (ptdump depth, protection key, printed words), cached per attrs and level."""
 
     def __init__(self, fmt: Format) -> None:
         self.fmt = fmt
-        self._cache: dict[tuple, tuple[int, tuple[str, ...]]] = {}
-        if fmt.arch == "x86_64":
-            self.names = X86_LEVEL_NAMES
-        else:
-            lv = fmt.levels
-            self.names = ("PGD", "P4D", "PUD" if lv > 3 else "PGD", "PMD" if lv > 2 else "PGD",
-                          "PTE")
+        self.ops = arch_for(fmt)
+        self.names = self.ops.ptdump_names(fmt)
+        self._cache: dict[tuple, tuple[object, tuple[str, ...]]] = {}
 
     def depth(self, level: int, hole: bool) -> int:
-        if level == self.fmt.top_level and (hole or self.fmt.arch == "x86_64"):
-            return 0  # real_depth(): folded top levels report at pgd
-        return max(0, 4 - level)
+        return self.ops.ptdump_depth(self.fmt, level, hole)
 
     def prot(self, run: Run, depth: int) -> tuple[object, tuple[str, ...]]:
-        """(comparison key, printed words): x86 compares the leaf's own protection and the
-        effective one, arm64 only the own bits (``val & pg_level[].mask``)."""
+        """(comparison key, printed words) of a leaf run (see ArchOps.ptdump_prot)."""
         if run.kind is not Kind.LEAF:
             return 0, ()
         own = run.own if run.own is not None else run.attrs
@@ -265,22 +145,18 @@ class _Codec:
             except FormatError:  # attributes the codec cannot write back: print blank
                 hit = self._cache[ck] = (("unencodable", run.attrs, own), ())
                 return hit
-            if self.fmt.arch == "x86_64":
-                prot = raw & X86_PTE_FLAGS_MASK
-                eff = eff_raw & (_RW | _US | _NX)
-                hit = ((prot, eff), x86_flag_words(prot, depth))
-            else:
-                prot = raw & ARM64_PROT_MASK
-                hit = (prot, arm64_flag_words(prot))
-            self._cache[ck] = hit
+            hit = self._cache[ck] = self.ops.ptdump_prot(raw, eff_raw, depth)
         return hit
 
 
 class _State:
-    def __init__(self, markers: list[Marker], names: tuple[str, ...], arch: str) -> None:
+    def __init__(self, markers: list[Marker], names: tuple[str, ...], ops: ArchOps) -> None:
         if not markers or markers[-1].name is not None:
             markers = [*markers, Marker(_U64 - 1, None)]
-        self.m, self.names, self.x86 = markers, names, arch == "x86_64"
+        self.m, self.names = markers, names
+        self.first_start = ops.ptdump_first_start
+        self.caps_lines = ops.ptdump_caps_lines
+        self.recheck = ops.ptdump_recheck_marker
         self.level: int | None = None
         self.prot: object = 0
         self.words: tuple[str, ...] = ()
@@ -301,23 +177,23 @@ class _State:
     def note(self, addr: int, depth: int, prot: object, words: tuple[str, ...]) -> None:
         if self.level is None:  # first entry
             self.prot, self.words, self.level = prot, words, depth
-            if not self.x86:
+            if self.first_start:
                 self.start = addr
             self.out.append(Header(self.m[self.idx].name or ""))
         elif prot != self.prot or depth != self.level or addr >= self._next_start():
             mk = self.m[self.idx]
             crossed = addr >= self._next_start()
-            if not self.x86 or not mk.max_lines or self.lines < mk.max_lines:
+            if not self.caps_lines or not mk.max_lines or self.lines < mk.max_lines:
                 self.out.append(DumpRun(self.start, addr, self.words, self.names[self.level],
                                         mk.name or ""))
             self.lines += 1
             if crossed:
-                if self.x86 and mk.max_lines and self.lines > mk.max_lines:
+                if self.caps_lines and mk.max_lines and self.lines > mk.max_lines:
                     self.out.append(Skipped(self.lines - mk.max_lines))
                 self.lines = 0
                 self._advance()
             self.start, self.prot, self.words, self.level = addr, prot, words, depth
-        if not self.x86 and addr >= self._next_start():
+        if self.recheck and addr >= self._next_start():
             self._advance()
 
 
@@ -326,7 +202,8 @@ def note_runs(runs: Iterable[Run], fmt: Format,
     """Replay the kernel's note_page() over walker runs (sorted; ``include_holes=True`` runs
     give the exact output, gaps are treated as pgd-level holes)."""
     codec = _Codec(fmt)
-    st = _State(markers if markers is not None else default_markers(fmt), codec.names, fmt.arch)
+    st = _State(markers if markers is not None else default_markers(fmt), codec.names,
+                codec.ops)
     ranges = kernel_ranges(fmt)
     top_size = fmt.entry_size(fmt.top_level)
     ri = 0

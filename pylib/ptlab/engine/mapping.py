@@ -4,13 +4,28 @@ leaves; emptied tables are freed through the gather."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..formats.base import Attrs, Kind
-from .core import LEAF, TABLE, PageSizes, TableCore
+from ..walk.cursor import Cursor
+from .core import TABLE, PageSizes, TableCore
 from .errors import EngineError, MappingExists
 from .txn import Txn
+
+
+@dataclass(slots=True)
+class MapArgs:
+    """What one map operation writes: through ``tx``, leaves with OA = low VA + ``delta``
+    and attributes ``attrs``, at the levels ``allowed``; ``replace`` existing mappings."""
+
+    tx: Txn
+    delta: int
+    attrs: Attrs
+    allowed: PageSizes
+    replace: bool
+    lowest: int  # min(allowed): no leaf below this level
 
 
 class MapOps(TableCore):
@@ -73,47 +88,38 @@ class MapOps(TableCore):
             raise EngineError(f"PA range ends above 2**{self.fmt.pa_bits}")
         a = self._leaf_attrs(attrs)
         tx = Txn(self)
-        self._map(tx, self.root, self.top, 0, lo, hi, pa - lo, a, allowed, replace)
+        m = MapArgs(tx, pa - lo, a, allowed, replace, min(allowed))
+        self._map(m, self._root(tx, lo, hi))
         self._finish(tx)
 
-    def _map(
-        self, tx: Txn, tpa: int, level: int, tbase: int, s: int, e: int, delta: int,
-        a: Attrs, allowed: PageSizes, replace: bool,
-    ) -> None:
-        if level < min(allowed):
+    def _map(self, m: MapArgs, c: Cursor) -> None:
+        """Map ``c``'s range: leaves where the whole entry is covered and allowed, else one
+        level down (creating, or with ``replace`` splitting, what is in the way)."""
+        level, tx = c.level, m.tx
+        if level < m.lowest:
             raise EngineError(
-                f"VA {self._va(s):#x}: a table down to level {level} is in the way of "
-                f"page sizes {sorted(allowed.values())}"
+                f"VA {self._va(c.start):#x}: a table down to level {level} is in the way of "
+                f"page sizes {sorted(m.allowed.values())}"
             )
-        fmt, n, sh = self.fmt, self._n[level], self._sh[level]
-        esz = 1 << sh
-        partial, f0, f1 = self._slots(level, tbase, s, e)
-        self._uncont_edges(tx, tpa, level, tbase, s, e, partial)
-        for idx in partial:
-            eb = tbase + (idx << sh)
-            self._map_child(
-                tx, tpa, level, idx, eb, max(s, eb), min(e, eb + esz), delta, a, allowed, replace
-            )
+        partial, f0, f1 = self._partition(tx, c)
+        for i in partial:
+            self._map_child(m, c, i)
         if f0 >= f1:
             return
-        if not (level in allowed and delta % esz == 0):
-            for idx in range(f0, f1):
-                eb = tbase + (idx << sh)
-                self._map_child(tx, tpa, level, idx, eb, eb, eb + esz, delta, a, allowed, replace)
+        esz = self.geo.size[level]
+        if not (level in m.allowed and m.delta % esz == 0):
+            for i in range(f0, f1):
+                self._map_child(m, c, i)
             return
-        blk = tx.read(tpa, n)[f0:f1]
-        kinds = fmt.kinds(blk, level)
-        leaves = np.flatnonzero(kinds == LEAF)
-        if leaves.size and not replace:
-            raise MappingExists(f"VA {self._va(tbase + ((f0 + int(leaves[0])) << sh)):#x} "
-                                "is already mapped")
-        tables = np.flatnonzero(kinds == TABLE)
-        oa0 = tbase + (f0 << sh) + delta
+        blk, kinds, leaves, tables = self._block(c, f0, f1)
+        if leaves.size and not m.replace:
+            raise MappingExists(f"VA {self._va(c.va(f0 + int(leaves[0]))):#x} is already mapped")
+        oa0 = c.va(f0) + m.delta
         raws = self.enc.encode(
-            np.arange(f1 - f0, dtype=np.uint64) * np.uint64(esz) + np.uint64(oa0), a, level
+            np.arange(f1 - f0, dtype=np.uint64) * np.uint64(esz) + np.uint64(oa0), m.attrs, level
         )
         cc = self._cc[level]
-        if level in allowed.cont and delta % (esz * cc) == 0:
+        if level in m.allowed.cont and m.delta % (esz * cc) == 0:
             g0, g1 = -(-f0 // cc) * cc, f1 // cc * cc
             if g0 < g1:
                 groups = (kinds[g0 - f0:g1 - f0] != TABLE).reshape(-1, cc).all(axis=1)
@@ -121,36 +127,29 @@ class MapOps(TableCore):
                 sel[g0 - f0:g1 - f0] = np.repeat(groups, cc)
                 if sel.any():
                     oas = np.flatnonzero(sel).astype(np.uint64) * np.uint64(esz) + np.uint64(oa0)
-                    raws[sel] = self.enc.encode(oas, self._cont_attrs(a), level)
-        if tables.size:
-            child_oas = [int(x) for x in fmt.oas(blk[tables], level)]
+                    raws[sel] = self.enc.encode(oas, self._cont_attrs(m.attrs), level)
+        if tables:
             raws = np.where(kinds == TABLE, blk, raws)
         if leaves.size:
-            tx.flush(tbase + ((f0 + int(leaves[0])) << sh),
-                     tbase + ((f0 + int(leaves[-1]) + 1) << sh))
-        tx.write(tpa, n)[f0:f1] = raws
-        for t, child in zip(tables, child_oas if tables.size else (), strict=True):
-            idx = f0 + int(t)
-            eb = tbase + (idx << sh)
-            self._child(self._entry(tx, tpa, level, idx), level, eb)
-            self._map(tx, child, level - 1, eb, eb, eb + esz, delta, a, allowed, replace)
+            tx.flush(*c.span(f0 + int(leaves[0]), f0 + int(leaves[-1]) + 1))
+        tx.write(c.table, c.n)[f0:f1] = raws
+        for t in tables:
+            self._map(m, self._descend(c, f0 + t))
 
-    def _map_child(
-        self, tx: Txn, tpa: int, level: int, idx: int, eb: int, s: int, e: int, delta: int,
-        a: Attrs, allowed: PageSizes, replace: bool,
-    ) -> None:
-        if level == 0:
-            raise EngineError(f"VA {self._va(s):#x}: cannot map below the last level")
-        ent = self._entry(tx, tpa, level, idx)
+    def _map_child(self, m: MapArgs, c: Cursor, i: int) -> None:
+        """Map the part of ``c``'s range inside entry ``i`` one level down."""
+        if c.level == 0:
+            raise EngineError(f"VA {self._va(c.clip(i)[0]):#x}: cannot map below the last level")
+        ent = c.entry(i)
         if ent.kind is Kind.EMPTY:
-            child = self._new_child(tx, tpa, idx, level, self.alloc)
+            child = self._new_child(m.tx, c, i, self.alloc)
         elif ent.kind is Kind.LEAF:
-            if not replace:
-                raise MappingExists(f"VA {self._va(s):#x} is already mapped")
-            child = self._split(tx, tpa, idx, level, eb, ent)
+            if not m.replace:
+                raise MappingExists(f"VA {self._va(c.clip(i)[0]):#x} is already mapped")
+            child = self._split(m.tx, c, i, ent)
         else:
-            child = self._child(ent, level, s)
-        self._map(tx, child, level - 1, eb, s, e, delta, a, allowed, replace)
+            child = self._child(c, i, ent)
+        self._map(m, c.descend(i, child))
 
     def unmap(self, va: int, size: int, *, free_tables: bool = True) -> None:
         """Unmap [va, va+size). Huge leaves partly inside are split, the rest stays mapped.
@@ -158,52 +157,31 @@ class MapOps(TableCore):
         With ``free_tables`` tables left empty are unlinked and freed through the gather
         (never pinned/preallocated ones, never ones another root still references).
         """
-        lo, hi = self._span(va, size, self.fmt.table_bytes)
-        tx = Txn(self)
-        self._unmap(tx, self.root, self.top, 0, lo, hi, free_tables)
-        self._finish(tx)
+        self._over(va, size, lambda tx, c: self._unmap(tx, c, free_tables))
 
-    def _unmap(
-        self, tx: Txn, tpa: int, level: int, tbase: int, s: int, e: int, free: bool
-    ) -> None:
-        fmt, n, sh = self.fmt, self._n[level], self._sh[level]
-        esz = 1 << sh
-        partial, f0, f1 = self._slots(level, tbase, s, e)
-        self._uncont_edges(tx, tpa, level, tbase, s, e, partial)
-        for idx in partial:
-            ent = self._entry(tx, tpa, level, idx)
-            if ent.kind is Kind.EMPTY:
-                continue
-            eb = tbase + (idx << sh)
-            if ent.kind is Kind.LEAF:
-                child = self._split(tx, tpa, idx, level, eb, ent)
-            else:
-                child = self._child(ent, level, eb)
-            self._unmap(tx, child, level - 1, eb, max(s, eb), min(e, eb + esz), free)
+    def _unmap(self, tx: Txn, c: Cursor, free: bool) -> None:
+        partial, f0, f1 = self._partition(tx, c)
+        for i, d in self._edges(tx, c, partial):
+            self._unmap(tx, d, free)
             if free:
-                self._maybe_free(tx, tpa, level, idx, child)
+                self._maybe_free(tx, c, i, d.table)
         if f0 >= f1:
             return
-        blk = tx.read(tpa, n)[f0:f1]
-        kinds = fmt.kinds(blk, level)
-        leaves = np.flatnonzero(kinds == LEAF)
-        tables = np.flatnonzero(kinds == TABLE)
-        child_oas = [int(x) for x in fmt.oas(blk[tables], level)] if tables.size else []
+        _, _, leaves, tables = self._block(c, f0, f1)
         if leaves.size:
-            w = tx.write(tpa, n)
-            w[f0 + leaves] = 0
-            tx.flush(tbase + ((f0 + int(leaves[0])) << sh),
-                     tbase + ((f0 + int(leaves[-1]) + 1) << sh))
-        for t, child in zip(tables, child_oas, strict=True):
-            idx = f0 + int(t)
-            eb = tbase + (idx << sh)
-            self._child(self._entry(tx, tpa, level, idx), level, eb)
-            if level == 1 and free and tx.refcount(child) == 1 and not tx.pinned(child):
-                if tx.read(child, self._n[0]).any():
-                    tx.flush(eb, eb + esz)
-                tx.write(tpa, n)[idx] = 0
+            tx.write(c.table, c.n)[f0 + leaves] = 0
+            tx.flush(*c.span(f0 + int(leaves[0]), f0 + int(leaves[-1]) + 1))
+        whole_ptes = c.level == 1 and free  # pte tables wholly unmapped go in one step
+        n0 = self.geo.entries[0]
+        for t in tables:
+            i = f0 + t
+            child = self._child(c, i, c.entry(i))
+            if whole_ptes and tx.refcount(child) == 1 and not tx.pinned(child):
+                if tx.read_table(child, n0).any():  # flush what it mapped
+                    tx.flush(*c.span(i))
+                tx.write(c.table, c.n)[i] = 0
                 tx.release(child, 0)
                 continue
-            self._unmap(tx, child, level - 1, eb, eb, eb + esz, free)
+            self._unmap(tx, c.descend(i, child), free)
             if free:
-                self._maybe_free(tx, tpa, level, idx, child)
+                self._maybe_free(tx, c, i, child)

@@ -4,18 +4,34 @@ set_table_attrs (restrictions on an upper table entry)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
-from ..formats.base import ATTR_FIELDS, Attrs, Entry, Kind
-from .core import EMPTY_K, LEAF, TABLE, TableCore
+from ..formats.base import ATTR_FIELDS, Attrs, Entry, FormatError, Kind
+from ..walk.cursor import Cursor, leaf_cursors
+from .core import EMPTY_K, TableCore, check_attr_values
 from .errors import EngineError, NotMapped
 from .txn import Txn
 
 AttrChange = Mapping[str, Any] | Attrs | Iterable[str] | None
 ApplyFn = Callable[[int, int, Entry], Entry | None]
+_DEFAULTS = Attrs()
+
+
+@dataclass(slots=True)
+class ProtectArgs:
+    """One protect operation: through ``tx``, leaves get ``change(attrs)``; ``strict``
+    refuses holes."""
+
+    tx: Txn
+    change: Callable[[Attrs], Attrs]
+    strict: bool
+
+    def unchanged(self, leaf: Entry) -> bool:
+        """Whether the change leaves ``leaf`` as it is (a huge leaf then needs no split)."""
+        return self.change(leaf.attrs) == leaf.attrs
 
 
 class ProtectOps(TableCore):
@@ -23,7 +39,7 @@ class ProtectOps(TableCore):
 
     def _changer(self, set: AttrChange, clear: AttrChange) -> Callable[[Attrs], Attrs]:
         changes: dict[str, Any] = {}
-        defaults = Attrs()
+        defaults = _DEFAULTS
 
         def names(spec: AttrChange) -> dict[str, Any]:
             if spec is None:
@@ -51,14 +67,16 @@ class ProtectOps(TableCore):
         if not changes:
             raise EngineError("protect() needs set= or clear=")
         try:
-            key = tuple(sorted(changes.items()))
+            items = sorted(changes.items())
+            key = (*items, *[type(v) for _, v in items])  # 1 == True, but only True is valid
             hit = self._changers.get(key)
-        except TypeError:  # unhashable values: no memo
+        except TypeError:  # unhashable values: refused just below
             key, hit = None, None
-        if hit is not None:
+        if hit is not None:  # memoised only once its values were checked
             return hit
+        check_attr_values(changes)
         norm = self.fmt.normalize
-        norm(defaults.with_(**changes))  # validate values once, up front
+        self._normalize(defaults.with_(**changes))  # validate values once, up front
         cache: dict[Attrs, Attrs] = {}
 
         def change(old: Attrs) -> Attrs:
@@ -88,56 +106,31 @@ class ProtectOps(TableCore):
         are. Holes are skipped, or raise :class:`NotMapped` with ``strict``.
         """
         change = self._changer(set, clear)
-        lo, hi = self._span(va, size, self.fmt.table_bytes)
-        tx = Txn(self)
-        self._protect(tx, self.root, self.top, 0, lo, hi, change, strict)
-        self._finish(tx)
+        self._over(va, size, lambda tx, c: self._protect(ProtectArgs(tx, change, strict), c))
 
-    def _protect(
-        self, tx: Txn, tpa: int, level: int, tbase: int, s: int, e: int,
-        change: Callable[[Attrs], Attrs], strict: bool,
-    ) -> None:
-        fmt, n, sh = self.fmt, self._n[level], self._sh[level]
-        esz = 1 << sh
-        partial, f0, f1 = self._slots(level, tbase, s, e)
-        self._uncont_edges(tx, tpa, level, tbase, s, e, partial)
-        for idx in partial:
-            ent = self._entry(tx, tpa, level, idx)
-            eb = tbase + (idx << sh)
-            if ent.kind is Kind.EMPTY:
-                if strict:
-                    raise NotMapped(f"VA {self._va(max(s, eb)):#x} is not mapped")
-                continue
-            if ent.kind is Kind.LEAF:
-                if change(ent.attrs) == ent.attrs:
-                    continue
-                child = self._split(tx, tpa, idx, level, eb, ent)
-            else:
-                child = self._child(ent, level, eb)
-            self._protect(tx, child, level - 1, eb, max(s, eb), min(e, eb + esz), change, strict)
+    def _protect(self, p: ProtectArgs, c: Cursor) -> None:
+        tx = p.tx
+        partial, f0, f1 = self._partition(tx, c)
+        for _, d in self._edges(tx, c, partial, strict=p.strict, keep=p.unchanged):
+            self._protect(p, d)
         if f0 >= f1:
             return
-        blk = tx.read(tpa, n)[f0:f1]
-        kinds = fmt.kinds(blk, level)
-        if strict and (kinds == EMPTY_K).any():
+        blk, kinds, leaves, tables = self._block(c, f0, f1)
+        if p.strict and (kinds == EMPTY_K).any():
             first = int(np.flatnonzero(kinds == EMPTY_K)[0])
-            raise NotMapped(f"VA {self._va(tbase + ((f0 + first) << sh)):#x} is not mapped")
-        leaves = np.flatnonzero(kinds == LEAF)
-        tables = np.flatnonzero(kinds == TABLE)
-        child_oas = [int(x) for x in fmt.oas(blk[tables], level)] if tables.size else []
+            raise NotMapped(f"VA {self._va(c.va(f0 + first)):#x} is not mapped")
         if leaves.size:
-            self._protect_leaves(tx, tpa, level, tbase, f0, blk, leaves, change)
-        for t, child in zip(tables, child_oas, strict=True):
-            idx = f0 + int(t)
-            eb = tbase + (idx << sh)
-            self._child(self._entry(tx, tpa, level, idx), level, eb)
-            self._protect(tx, child, level - 1, eb, eb, eb + esz, change, strict)
+            self._protect_leaves(tx, c, f0, blk, leaves, p.change)
+        for t in tables:
+            self._protect(p, self._descend(c, f0 + t))
 
     def _protect_leaves(
-        self, tx: Txn, tpa: int, level: int, tbase: int, f0: int, blk: np.ndarray,
-        leaves: np.ndarray, change: Callable[[Attrs], Attrs],
+        self, tx: Txn, c: Cursor, f0: int, blk: np.ndarray, leaves: np.ndarray,
+        change: Callable[[Attrs], Attrs],
     ) -> None:
-        fmt, sh = self.fmt, self._sh[level]
+        """Change the leaves ``f0 + leaves`` of ``c`` (raws ``blk`` from ``f0``), one
+        vectorised encode per distinct attribute set."""
+        fmt, level = self.fmt, c.level
         sub = blk[leaves]
         keys = fmt.attr_keys(sub, level)
         if (keys == keys[0]).all():
@@ -147,7 +140,7 @@ class ProtectOps(TableCore):
             groups = [(inv == u, int(sub[first[u]])) for u in range(uniq.size)]
         new = None
         for sel, rep in groups:
-            old = fmt.decode(rep, level).attrs
+            old = self.geo.decode(rep, level).attrs
             want = change(old)
             if want == old:
                 continue
@@ -164,48 +157,53 @@ class ProtectOps(TableCore):
         if new is None:
             return
         idx = f0 + leaves[changed]
-        tx.write(tpa, self._n[level])[idx] = new[changed]
-        tx.flush(tbase + (int(idx[0]) << sh), tbase + ((int(idx[-1]) + 1) << sh))
+        tx.write(c.table, c.n)[idx] = new[changed]
+        tx.flush(*c.span(int(idx[0]), int(idx[-1]) + 1))
 
     def apply(self, va: int, size: int, fn: ApplyFn) -> int:
         """Call ``fn(va, level, entry)`` for every leaf overlapping [va, va+size), in VA
         order (``apply_to_existing_page_range``); a returned Entry (LEAF at the same level,
         or EMPTY) replaces it. Huge leaves partly inside are passed whole, never split, so
         apply never allocates. Returns the number of leaves visited."""
-        lo, hi = self._span(va, size, self.fmt.table_bytes)
-        tx = Txn(self)
+        return self._over(va, size, lambda tx, root: self._apply(tx, root, fn))
+
+    def _apply(self, tx: Txn, root: Cursor, fn: ApplyFn) -> int:
         count = 0
-        for tpa, level, idx, eb in list(self._leaf_slots(tx, self.root, self.top, 0, lo, hi)):
+        for c, i in list(leaf_cursors(root)):
             count += 1
-            old = self._entry(tx, tpa, level, idx)
-            new = fn(self._va(eb), level, old)
+            old = c.entry(i)
+            new = fn(self._va(c.va(i)), c.level, old)
             if new is None or new == old:
                 continue
             if not isinstance(new, Entry) or new.kind is Kind.TABLE:
                 raise EngineError(f"apply: fn must return None or a LEAF/EMPTY Entry, got {new!r}")
             if old.attrs.contiguous:
-                self._uncont(tx, tpa, level, eb - (idx << self._sh[level]), idx)
-            na = new.attrs.with_(contiguous=False) if new.attrs.contiguous else new.attrs
-            raw = 0 if new.kind is Kind.EMPTY else self.fmt.encode(
-                Entry(Kind.LEAF, new.oa, self._leaf_attrs(na)), level)
-            tx.write(tpa, self._n[level])[idx] = raw
-            tx.flush(eb, eb + (1 << self._sh[level]))
-        self._finish(tx)
+                self._uncont(tx, c, i)
+            raw = 0
+            if new.kind is Kind.LEAF:
+                na = self._normalize(new.attrs)
+                if na.contiguous:  # one leaf alone: the hint is the engine's to manage
+                    na = na.with_(contiguous=False)
+                try:
+                    raw = self.fmt.encode(Entry(Kind.LEAF, new.oa, na), c.level)
+                except FormatError as e:
+                    raise EngineError(f"apply: {e}") from None
+            tx.write(c.table, c.n)[i] = raw
+            tx.flush(*c.span(i))
         return count
 
     def set_table_attrs(self, va: int, level: int, attrs: Attrs) -> None:
         """Give the table entry at ``level`` covering ``va`` the restrictions ``attrs``
         (x86 NX/RW/US on an upper entry, e.g. KPTI's ``pti_set_user_pgtbl`` NX on the kernel
         copy; arm64 APTable/PXNTable/UXNTable). The entry keeps pointing to the same table."""
-        if not isinstance(attrs, Attrs):
-            raise EngineError(f"attrs must be an Attrs, got {type(attrs).__name__}")
+        attrs = self._normalize(attrs, Kind.TABLE)
         tx = Txn(self)
-        lo, tpa, idx, ent = self._entry_at(tx, va, level, "table", "table entry")
+        c = self._seek_entry(tx, va, level, "table", "table entry")
+        ent = c.entry()
         if ent.kind is not Kind.TABLE:
             raise EngineError(f"VA {va:#x}: no table entry at level {level}")
-        raw = self.fmt.table(ent.oa, level, self.fmt.normalize(attrs, Kind.TABLE))
-        if raw != int(tx.read(tpa, self._n[level])[idx]):
-            tx.write(tpa, self._n[level])[idx] = raw
-            esz = 1 << self._sh[level]
-            tx.flush(lo - lo % esz, lo - lo % esz + esz)
+        raw = self.fmt.table(ent.oa, level, attrs)
+        if raw != c.raw():
+            tx.write(c.table, c.n)[c.index] = raw
+            tx.flush(*c.span(c.index))
         self._finish(tx)

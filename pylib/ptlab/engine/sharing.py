@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..formats.base import Kind
+from ..walk.cursor import follow, leaf_cursors, seek
 from .core import PageSizes
 from .errors import EngineError, MappingExists
+from .mapping import MapArgs
 from .txn import Txn
 
 if TYPE_CHECKING:
@@ -39,24 +41,21 @@ def share(pt: PageTable, other: PageTable, va: int, size: int, level: int, *,
     """
     _check_peer(pt, other)
     pt._check_level("share", level)
-    esz = 1 << pt.fmt.shift(level)
+    esz = pt.geo.size[level]
     lo, hi = pt._span(va, size, esz)
-    n = pt._n[level]
     tx = Txn(pt)
     for eb in range(lo, hi, esz):
-        idx = (eb >> pt._sh[level]) & (n - 1)
-        otpa = other._path(tx, eb, level, other.alloc)
-        oent = other._entry(tx, otpa, level, idx)
+        oc = other._path(tx, eb, level, other.alloc)
+        oent = oc.entry()
         if oent.kind is Kind.EMPTY:
-            child = other._new_child(tx, otpa, idx, level, other.alloc)
-            oraw = int(tx.read(otpa, n)[idx])
+            child: int | None = other._new_child(tx, oc, oc.index, other.alloc)
+        elif oent.kind is Kind.TABLE:
+            child = other._child(oc, oc.index, oent)
         else:
-            oraw = int(tx.read(otpa, n)[idx])
-            child = oent.oa if oent.kind is Kind.TABLE else None
-            if child is not None:
-                other._child(oent, level, eb)
-        stpa = pt._path(tx, eb, level, pt.alloc)
-        sent = pt._entry(tx, stpa, level, idx)
+            child = None
+        oraw = oc.raw()
+        sc = pt._path(tx, eb, level, pt.alloc)
+        sent = sc.entry()
         if sent.kind is Kind.TABLE and child is not None and sent.oa == child:
             continue
         if sent.kind is not Kind.EMPTY:
@@ -64,13 +63,13 @@ def share(pt: PageTable, other: PageTable, va: int, size: int, level: int, *,
                 raise MappingExists(f"VA {pt._va(eb):#x}: level {level} entry already in use")
             if sent.kind is Kind.TABLE:
                 tx.release(sent.oa, level - 1)
-            tx.flush(eb, eb + esz)
+            tx.flush(*sc.span(sc.index))
         if child is None:  # a leaf: copied alone, so without the contiguous hint
             a = oent.attrs
-            tx.write(stpa, n)[idx] = (pt.enc.one(oent.oa, a.with_(contiguous=False), level)
-                                      if a.contiguous else oraw)
+            tx.write(sc.table, sc.n)[sc.index] = (
+                pt.enc.one(oent.oa, a.with_(contiguous=False), level) if a.contiguous else oraw)
         else:
-            tx.link(stpa, n, idx, level, child, oraw)
+            tx.link(sc, sc.index, child, oraw)
     pt._finish(tx)
 
 
@@ -78,27 +77,19 @@ def unshare(pt: PageTable, va: int, size: int, level: int) -> int:
     """Clear ``pt``'s table entries at ``level`` over [va, va+size) that point to tables
     another root also references; returns how many were unlinked."""
     pt._check_level("unshare", level)
-    esz = 1 << pt.fmt.shift(level)
+    esz = pt.geo.size[level]
     lo, hi = pt._span(va, size, esz)
-    n = pt._n[level]
     tx = Txn(pt)
     count = 0
     for eb in range(lo, hi, esz):
-        tpa, lvl = pt.root, pt.top
-        while lvl > level:
-            ent = pt._entry(tx, tpa, lvl, (eb >> pt._sh[lvl]) & (pt._n[lvl] - 1))
-            if ent.kind is not Kind.TABLE or not ent.attrs.present:
-                tpa = None
-                break
-            tpa, lvl = ent.oa, lvl - 1
-        if tpa is None:
+        c = seek(pt.geo, tx, pt.root, eb, level, follow)
+        if c is None:
             continue
-        idx = (eb >> pt._sh[level]) & (n - 1)
-        ent = pt._entry(tx, tpa, level, idx)
+        ent = c.entry()
         if ent.kind is Kind.TABLE and tx.refcount(ent.oa) > 1:
-            tx.write(tpa, n)[idx] = 0
+            tx.write(c.table, c.n)[c.index] = 0
             tx.release(ent.oa, level - 1)
-            tx.flush(eb, eb + esz)
+            tx.flush(*c.span(c.index))
             count += 1
     pt._finish(tx)
     return count
@@ -112,15 +103,13 @@ def clone(pt: PageTable, other: PageTable, va: int, size: int, *, replace: bool 
     lo, hi = pt._span(va, size, pt.fmt.table_bytes)
     tx = Txn(pt)
     sizes = pt.fmt.page_sizes()
-    pieces = []
-    for tpa, level, idx, eb in other._leaf_slots(tx, other.root, other.top, 0, lo, hi):
-        ent = other._entry(tx, tpa, level, idx)
-        pieces.append((eb, level, ent))
-    for eb, level, ent in pieces:
-        s, e = max(lo, eb), min(hi, eb + (1 << pt._sh[level]))
+    pieces = [(c.clip(i), c.va(i), c.level, c.entry(i))
+              for c, i in leaf_cursors(other._root(tx, lo, hi))]
+    for (s, e), eb, level, ent in pieces:
         allowed = PageSizes({lvl: sz for lvl, sz in sizes.items() if lvl <= level})
         a = ent.attrs.with_(contiguous=False) if ent.attrs.contiguous else ent.attrs
-        pt._map(tx, pt.root, pt.top, 0, s, e, ent.oa - eb, a, allowed, replace)
+        m = MapArgs(tx, ent.oa - eb, a, allowed, replace, min(allowed))
+        pt._map(m, pt._root(tx, s, e))
     pt._finish(tx)
     return len(pieces)
 
@@ -131,7 +120,7 @@ def preallocate(pt: PageTable, va: int, size: int, level: int = 0) -> int:
     allocation. Returns the number of tables allocated."""
     pt._check_level("preallocate", level, 0)
     lo, hi = pt._span(va, size, pt.fmt.table_bytes)
-    step = 1 << pt._sh[level + 1] if level < pt.top else hi - lo
+    step = pt.geo.size[level + 1] if level < pt.top else hi - lo
     tx = Txn(pt)
     start = lo - lo % step if level < pt.top else lo
     for eb in range(start, hi, step):

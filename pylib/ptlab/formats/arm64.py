@@ -87,12 +87,6 @@ _GRANULES = {4096: (12, 9), 16384: (14, 11), 65536: (16, 13)}
 _VA_BITS = {4096: (39, 48, 52), 16384: (36, 47, 48, 52), 65536: (42, 48, 52)}
 # Generic_pt level -> Arm contiguous-hint group size (pgtable-hwdef.h CONT_PTES / CONT_PMDS).
 _CONTIG = {4096: {0: 16, 1: 16}, 16384: {0: 128, 1: 32}, 65536: {0: 32, 1: 32}}
-_LEVEL_NAMES = {
-    2: ("pte", "pgd"),
-    3: ("pte", "pmd", "pgd"),
-    4: ("pte", "pmd", "pud", "pgd"),
-    5: ("pte", "pmd", "pud", "p4d", "pgd"),
-}
 _NO_RESTRICTION = Attrs(present=True, writable=True, user=True, exec=True, uexec=True)
 
 
@@ -136,6 +130,7 @@ class Arm64(Format):
         self.page_shift, self.bits_per_level = _GRANULES[granule]
         self.va_bits = va_bits
         self.upper = bool(upper)
+        self.va_halves = "upper" if self.upper else "lower"
         self.levels = math.ceil((va_bits - self.page_shift) / self.bits_per_level)
         self.pa_bits = 52 if va_bits == 52 else 48
         self.lpa2 = va_bits == 52 and granule != 65536  # FEAT_LPA2, TCR_ELx.DS = 1
@@ -176,11 +171,6 @@ class Arm64(Format):
     def contig_count(self, level: int) -> int:
         self._check_level(level)
         return _CONTIG[self.granule].get(level, 1) if level in self._leaf_levels else 1
-
-    def level_name(self, level: int) -> str:
-        """The kernel's name of ``level`` (pte, pmd, pud, p4d, pgd; folded levels omitted)."""
-        self._check_level(level)
-        return _LEVEL_NAMES[self.levels][level]
 
     def arm_level(self, level: int) -> int:
         """The Arm ARM's lookup level of ``level`` (3 for the pte table, -1 for an LPA2 root)."""
@@ -443,7 +433,7 @@ class Arm64(Format):
 
     def kinds(self, raws: np.ndarray, level: int) -> np.ndarray:
         self._check_level(level)
-        r = np.asarray(raws, dtype=np.uint64)
+        r = self._table_array(raws)
         table, _, _ = self._classes(r, level)
         out = np.where(r != 0, np.uint8(Kind.LEAF), np.uint8(Kind.EMPTY)).astype(np.uint8)
         out[table] = np.uint8(Kind.TABLE)
@@ -451,7 +441,7 @@ class Arm64(Format):
 
     def oas(self, raws: np.ndarray, level: int) -> np.ndarray:
         self._check_level(level)
-        r = np.asarray(raws, dtype=np.uint64)
+        r = self._table_array(raws)
         _, leaf, _ = self._classes(r, level)
         low = np.where(leaf, np.uint64(self._leaf_oa[level]), np.uint64(self._page_oa))
         out = r & low
@@ -463,7 +453,7 @@ class Arm64(Format):
         """Each entry with the bits decode does not read into Attrs cleared (OA bits, and
         the RES0 bits it drops from valid entries). Compare keys of one kind."""
         self._check_level(level)
-        r = np.asarray(raws, dtype=np.uint64)
+        r = self._table_array(raws)
         table, leaf, _ = self._classes(r, level)
         oa = self._page_oa | self._hi_field
         invalid_keep = U64 & ~oa

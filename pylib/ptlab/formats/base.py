@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
+from typing import Literal
 
 import numpy as np
 
@@ -110,6 +112,9 @@ class Format(ABC):
     va_bits: int  # translated VA bits
     pa_bits: int  # maximum output address bits
     upper: bool  # arm64: this root translates the upper (TTBR1) half; x86: False
+    # Which VAs one root translates: "both" halves, sign-extended from bit va_bits - 1 (x86
+    # canonical addresses); only the "upper" (arm64 TTBR1) or only the "lower" half (TTBR0).
+    va_halves: Literal["both", "upper", "lower"]
 
     # --- geometry -------------------------------------------------------------------------
     @property
@@ -160,24 +165,23 @@ class Format(ABC):
 
     def va_ranges(self) -> list[tuple[int, int]]:
         """Canonical VA ranges this root translates, as [start, end) pairs."""
-        if self.arch == "x86_64":
-            half = 1 << (self.va_bits - 1)
-            return [(0, half), ((1 << 64) - half, 1 << 64)]
-        if self.upper:
-            return [((1 << 64) - self.va_span, 1 << 64)]
-        return [(0, self.va_span)]
+        top, span = 1 << 64, self.va_span
+        if self.va_halves == "both":
+            return [(0, span >> 1), (top - (span >> 1), top)]
+        if self.va_halves == "upper":
+            return [(top - span, top)]
+        return [(0, span)]
 
     def covers(self, va: int) -> bool:
         return any(s <= va < e for s, e in self.va_ranges())
 
     def canonical(self, va_low: int) -> int:
         """Full VA for an index-composed address ``va_low`` < 2**va_bits."""
-        if self.arch == "x86_64":
-            if va_low >> (self.va_bits - 1) & 1:
-                return va_low | ((1 << 64) - self.va_span)
-            return va_low
-        if self.upper:
-            return va_low | ((1 << 64) - self.va_span)
+        high = (1 << 64) - self.va_span
+        if self.va_halves == "both":
+            return va_low | high if va_low >> (self.va_bits - 1) & 1 else va_low
+        if self.va_halves == "upper":
+            return va_low | high
         return va_low
 
     # --- codec ----------------------------------------------------------------------------
@@ -224,9 +228,17 @@ class Format(ABC):
     def _anomalies(self, raw: int, level: int, name: str) -> list[str]:
         """:meth:`anomalies` of a checked non-zero ``raw``; ``name`` is the level's name."""
 
-    @abstractmethod
     def level_name(self, level: int) -> str:
-        """The kernel's name of ``level`` (pte, pmd, pud, p4d, pgd)."""
+        """The kernel's name of ``level`` (pte, pmd, pud, p4d, pgd; from :mod:`ptlab.arch`)."""
+        self._check_level(level)
+        return self.level_names[level]
+
+    @cached_property
+    def level_names(self) -> tuple[str, ...]:
+        """The kernel's name of every level, leaf first."""
+        from ..arch import arch_for
+
+        return arch_for(self.arch).level_names(self.levels)
 
     def _check_level(self, level: int) -> None:
         if (isinstance(level, bool) or not isinstance(level, int | np.integer)
@@ -242,6 +254,20 @@ class Format(ABC):
         return value
 
     # --- vectorised helpers over one table (numpy uint64 array) ----------------------------
+    def _table_array(self, raws: np.ndarray) -> np.ndarray:
+        """``raws`` as a uint64 array (no copy for the usual uint64 table read)."""
+        if isinstance(raws, np.ndarray):
+            if raws.dtype == np.uint64:
+                return raws
+            if raws.dtype.kind == "u" or (raws.dtype.kind == "i" and not (raws < 0).any()):
+                return raws.astype(np.uint64)
+            raise FormatError(f"{self.name}: entries must be u64 values, got {raws.dtype}")
+        try:
+            values = [self._check_raw(r) for r in raws]
+        except TypeError:
+            raise FormatError(f"{self.name}: entries must be a sequence of u64 values") from None
+        return np.array(values, dtype=np.uint64)
+
     @abstractmethod
     def kinds(self, raws: np.ndarray, level: int) -> np.ndarray:
         """Kind of each entry (uint8 array of Kind values)."""

@@ -61,8 +61,6 @@ PHYS_MASK = (1 << PA_BITS) - 1
 PTE_PFN_MASK = PHYS_MASK & ~0xFFF  # bits 51:12
 U64 = (1 << 64) - 1
 
-_LEVEL_NAMES = {4: ("pte", "pmd", "pud", "pgd"), 5: ("pte", "pmd", "pud", "p4d", "pgd")}
-
 _KERNPG_TABLE = Attrs(
     present=True, writable=True, user=False, exec=True, uexec=True, accessed=True, dirty=True
 )
@@ -86,6 +84,7 @@ class X86_64(Format):
     bits_per_level = 9
     pa_bits = PA_BITS
     upper = False
+    va_halves = "both"  # canonical: sign-extended from bit va_bits - 1
 
     def __init__(self, levels: int = 4) -> None:
         if levels not in (4, 5):
@@ -104,25 +103,6 @@ class X86_64(Format):
     @property
     def leaf_levels(self) -> frozenset[int]:
         return self._leaf_levels
-
-    def level_name(self, level: int) -> str:
-        """The kernel's name of ``level`` (pte, pmd, pud, p4d, pgd)."""
-        self._check_level(level)
-        return _LEVEL_NAMES[self.levels][level]
-
-    def _table_array(self, raws: np.ndarray) -> np.ndarray:
-        """``raws`` as a uint64 array (no copy for the usual uint64 table read)."""
-        if isinstance(raws, np.ndarray):
-            if raws.dtype == np.uint64:
-                return raws
-            if raws.dtype.kind == "u" or (raws.dtype.kind == "i" and not (raws < 0).any()):
-                return raws.astype(np.uint64)
-            raise FormatError(f"{self.name}: entries must be u64 values, got {raws.dtype}")
-        try:
-            values = [self._check_raw(r) for r in raws]
-        except TypeError:
-            raise FormatError(f"{self.name}: entries must be a sequence of u64 values") from None
-        return np.array(values, dtype=np.uint64)
 
     @staticmethod
     def _inverts(level: int) -> bool:

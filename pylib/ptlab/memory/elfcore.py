@@ -11,27 +11,28 @@ section header 0's ``sh_info`` has the count.
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..arch import all_arches, arch_for
 from .base import MemoryError_
-from .raw import FileMemory, Segment, _open_map
+from .raw import FileMemory, Segment, open_regular, pread_exact
 from .vmcoreinfo import VmcoreInfo
 
-EM_X86_64, EM_AARCH64, EM_386, EM_ARM = 62, 183, 3, 40
-# QEMU writes an ELF64 core with EM_386 when the first x86 CPU is not in long mode (real or
-# protected mode at dump time, target/i386/arch_dump.c cpu_get_dump_info): same x86 RAM.
-MACHINES = {EM_X86_64: "x86_64", EM_AARCH64: "arm64", EM_386: "x86_64"}
+EM_ARM = 40
+# e_machine -> architecture (ptlab.arch): QEMU writes an ELF64 core with EM_386 when the first
+# x86 CPU is not in long mode (target/i386/arch_dump.c cpu_get_dump_info): same x86 RAM.
+MACHINES = {m: ops.name for ops in all_arches() for m in ops.elf_machines}
 _OTHER_MACHINES = {EM_ARM: "arm (EM_ARM)"}
-PRSTATUS_SIZES = {"x86_64": 336, "arm64": 392}
 ET_CORE = 4
 PT_LOAD, PT_NOTE = 1, 4
 PN_XNUM = 0xFFFF
 NT_PRSTATUS, NT_PRFPREG = 1, 2
+MAX_PHNUM = 1 << 20  # program headers read at most (real cores: one per RAM range)
+MAX_NOTE_BYTES = 64 << 20  # note bytes read at most (real cores: a few KiB per CPU)
 
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr, 64 bytes
 PHDR = np.dtype(
@@ -43,12 +44,7 @@ SHDR = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr, 64 bytes
 # struct elf_prstatus (64-bit): pr_reg at offset 112.
 PRSTATUS_REG_OFFSET = 112
 PRSTATUS_PID_OFFSET = 32
-X86_64_PRSTATUS_REGS = (
-    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
-    "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base",
-    "ds", "es", "fs", "gs",
-)
-ARM64_PRSTATUS_REGS = (*(f"x{i}" for i in range(31)), "sp", "pc", "pstate")
+# pr_reg names and sizeof(struct elf_prstatus): ArchOps.prstatus_regs / prstatus_size.
 # QEMU's QEMUCPUState (target/i386/arch_dump.c, version 1): version, size, 18 u64 registers,
 # 10 segments of 24 bytes, cr[5].
 QEMU_CPUSTATE_REGS = (
@@ -102,6 +98,12 @@ class CpuState:
     def cr4(self) -> int | None:
         return self.cr[4] if self.cr else None
 
+    @property
+    def control(self) -> dict[str, int]:
+        """Control registers by lower-case name (``cr0`` .. ``cr4``), empty when not recorded:
+        the ``regs`` :mod:`ptlab.arch` infers the format and root from."""
+        return {f"cr{i}": v for i, v in enumerate(self.cr)} if self.cr else {}
+
 
 def parse_notes(data: bytes, where: str = "PT_NOTE") -> list[Note]:
     """ELF notes (4-byte aligned name and desc, as Linux and QEMU write them)."""
@@ -125,18 +127,20 @@ def parse_notes(data: bytes, where: str = "PT_NOTE") -> list[Note]:
     return notes
 
 
-def _cpus(notes: list[Note], machine: str) -> list[CpuState]:
+def cpu_states(notes: list[Note], machine: str) -> list[CpuState]:
+    """The CPUs the notes describe: NT_PRSTATUS registers, QEMU's control-register notes."""
     cpus: list[CpuState] = []
     qemu_states = []
     for n in notes:
         if n.name == "CORE" and n.type == NT_PRSTATUS:
-            names = X86_64_PRSTATUS_REGS if machine == "x86_64" else ARM64_PRSTATUS_REGS
+            ops = arch_for(machine)
+            names = ops.prstatus_regs
             cpu = CpuState(len(cpus))
             if len(n.desc) >= PRSTATUS_PID_OFFSET + 4:
                 cpu.pid = int.from_bytes(n.desc[PRSTATUS_PID_OFFSET : PRSTATUS_PID_OFFSET + 4],
                                          "little")
             nregs = len(names)
-            if len(n.desc) == PRSTATUS_SIZES[machine]:  # EM_386 cores carry 32-bit ones
+            if len(n.desc) == ops.prstatus_size:  # EM_386 cores carry 32-bit ones
                 vals = struct.unpack_from(f"<{nregs}Q", n.desc, PRSTATUS_REG_OFFSET)
                 cpu.regs = dict(zip(names, vals, strict=True))
             cpus.append(cpu)
@@ -168,29 +172,30 @@ class ElfCore(FileMemory):
 
     def __init__(self, path: str | os.PathLike[str], arch: str | None = None) -> None:
         self.path = os.fspath(path)
-        self._mm = None
-        mm, size = _open_map(path)
+        fd, size = open_regular(path)
         try:
-            segs = self._parse(mm, size, arch)
+            segs = self._parse(fd, size, arch)
         except BaseException:
-            if mm is not None:
-                mm.close()
+            os.close(fd)
             raise
-        self._attach(mm, size, segs)
+        self._attach(fd, size, segs)
 
     # --- parsing --------------------------------------------------------------------------
     def _fail(self, msg: str) -> ElfCoreError:
         return ElfCoreError(f"{self.path}: {msg}")
 
-    def _parse(self, mm: mmap.mmap | None, size: int, arch: str | None) -> list[Segment]:
-        buf: mmap.mmap | bytes = mm if mm is not None else b""
+    def _parse(self, fd: int, size: int, arch: str | None) -> list[Segment]:
+        def at(offset: int, n: int) -> bytes:
+            return pread_exact(fd, n, offset, self.path)
+
+        buf = at(0, min(size, EHDR.size))
         if size < 4 or buf[:4] != b"\x7fELF":
             head = bytes(buf[:16])
             if head.startswith(b"makedumpfile"):
-                raise self._fail("flattened kdump file (QEMU kdump-* format / makedumpfile -F), "
-                                 "not ELF; dump with format elf or convert (makedumpfile -E)")
-            if head.startswith(b"KDUMP   "):
-                raise self._fail("kdump-compressed file, not ELF; convert with makedumpfile -E")
+                raise self._fail("flattened kdump-compressed file (QEMU kdump-* format / "
+                                 "makedumpfile -F), not ELF; open it with --dump")
+            if head.startswith((b"KDUMP   ", b"DISKDUMP")):
+                raise self._fail("kdump-compressed file, not ELF; open it with --dump")
             raise self._fail("not an ELF file (no \\x7fELF magic)")
         if size < EHDR.size:
             raise self._fail(f"truncated ELF header ({size} of {EHDR.size} bytes)")
@@ -225,13 +230,16 @@ class ElfCore(FileMemory):
                 raise self._fail("e_phnum is PN_XNUM but there is no section header 0")
             if e_shoff + SHDR.size > size:
                 raise self._fail("section header 0 lies past the end of the file (truncated)")
-            phnum = SHDR.unpack_from(buf, e_shoff)[7]  # sh_info
+            phnum = SHDR.unpack_from(at(e_shoff, SHDR.size), 0)[7]  # sh_info
+        if phnum > MAX_PHNUM:
+            raise self._fail(f"{phnum} program headers: more than {MAX_PHNUM}, not a real core")
         if e_phoff + phnum * PHDR.itemsize > size:
             raise self._fail(
                 f"program headers ({phnum} at {e_phoff:#x}) run past the end of the file "
                 f"({size:#x} bytes): truncated"
             )
-        ph = np.frombuffer(buf[e_phoff : e_phoff + phnum * PHDR.itemsize], dtype=PHDR)
+        ph = np.frombuffer(at(e_phoff, phnum * PHDR.itemsize), dtype=PHDR)
+        note_bytes = 0
         self.notes: list[Note] = []
         self.loads: list[Load] = []
         for i, p in enumerate(ph):
@@ -240,7 +248,11 @@ class ElfCore(FileMemory):
             if ptype == PT_NOTE:
                 if off + filesz > size:
                     raise self._fail(f"PT_NOTE #{i} runs past the end of the file: truncated")
-                self.notes += parse_notes(buf[off : off + filesz], f"{self.path}: PT_NOTE #{i}")
+                note_bytes += filesz
+                if note_bytes > MAX_NOTE_BYTES:
+                    raise self._fail(f"PT_NOTE segments hold over {MAX_NOTE_BYTES >> 20} MiB: "
+                                     "not a real core")
+                self.notes += parse_notes(at(off, filesz), f"{self.path}: PT_NOTE #{i}")
             elif ptype == PT_LOAD:
                 paddr = int(p["paddr"])
                 if filesz > memsz:
@@ -258,7 +270,7 @@ class ElfCore(FileMemory):
             raise self._fail("no PT_LOAD segments: the core holds no memory")
         vmci = [n for n in self.notes if n.name == "VMCOREINFO"]
         self.vmcoreinfo: VmcoreInfo | None = VmcoreInfo(vmci[0].desc) if vmci else None
-        self.cpus: list[CpuState] = _cpus(self.notes, machine)
+        self.cpus: list[CpuState] = cpu_states(self.notes, machine)
         return _unalias(self.loads)
 
 

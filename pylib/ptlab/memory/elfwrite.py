@@ -12,11 +12,9 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ..arch import all_arches, arch_for
 from .elfcore import (
-    ARM64_PRSTATUS_REGS,
     EHDR,
-    EM_AARCH64,
-    EM_X86_64,
     ET_CORE,
     NT_PRSTATUS,
     PHDR,
@@ -29,11 +27,10 @@ from .elfcore import (
     QEMU_CPUSTATE_REGS,
     QEMU_CPUSTATE_SIZE,
     SHDR,
-    X86_64_PRSTATUS_REGS,
 )
 from .sparse import SparseMemory
 
-MACHINE_CODES = {"x86_64": EM_X86_64, "arm64": EM_AARCH64}
+MACHINE_CODES = {ops.name: ops.elf_machines[0] for ops in all_arches()}  # e_machine written
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +52,9 @@ def note(name: str, ntype: int, desc: bytes) -> bytes:
 
 def prstatus(machine: str, regs: Mapping[str, int], pid: int = 1) -> bytes:
     """NT_PRSTATUS desc (struct elf_prstatus) for ``machine`` with ``regs`` by name."""
-    names = X86_64_PRSTATUS_REGS if machine == "x86_64" else ARM64_PRSTATUS_REGS
-    size = 336 if machine == "x86_64" else 392
-    desc = bytearray(size)
+    ops = arch_for(machine)
+    names = ops.prstatus_regs
+    desc = bytearray(ops.prstatus_size)
     struct.pack_into("<I", desc, PRSTATUS_PID_OFFSET, pid)
     struct.pack_into(f"<{len(names)}Q", desc, PRSTATUS_REG_OFFSET,
                      *(regs.get(n, 0) for n in names))
@@ -79,7 +76,7 @@ def cpu_notes(machine: str, cr3: int | None = None, cr4: int = 0,
     """The per-CPU notes QEMU writes: NT_PRSTATUS for each CPU, then (x86) a QEMU note each."""
     regs = regs or {}
     out = [note("CORE", NT_PRSTATUS, prstatus(machine, regs, pid=i + 1)) for i in range(ncpus)]
-    if machine == "x86_64":
+    if arch_for(machine).qemu_cpustate_note:
         cr = (0x8005_0033, 0, 0, cr3 or 0, cr4)
         out += [note("QEMU", 0, qemu_cpustate(cr, regs)) for _ in range(ncpus)]
     return out

@@ -1,14 +1,20 @@
-"""File-backed physical memory: segments of one file mapped read-only with mmap.
+"""File-backed physical memory: segments of one file, read with ``pread``.
 
-:class:`FileMemory` is the shared machinery (segment lookup, zero-copy table reads, zero-filled
-tails); :class:`RawImage` is a raw dump (``pmemsave``, ``/dev/mem`` copy, a RAM backing file)
-described by a region list; :class:`ptlab.memory.elfcore.ElfCore` builds on the same base.
+:class:`FileMemory` is the shared machinery (segment lookup, table reads, zero-filled tails,
+bounded scans); :class:`RawImage` is a raw dump (``pmemsave``, ``/dev/mem`` copy, a RAM backing
+file) described by a region list; :class:`ptlab.memory.elfcore.ElfCore` builds on the same base.
+
+The file is read with ``os.pread``, not mapped: a dump truncated while in use then gives a short
+read and :class:`FileChanged`, where a mapping would kill the process with SIGBUS. Only the
+bytes asked for are read (a walk reads its tables, not the file). Files are opened with
+``O_NONBLOCK`` and checked to be regular before anything is read, so a FIFO or a device given as
+a dump is refused instead of blocking.
 """
 
 from __future__ import annotations
 
 import bisect
-import mmap
+import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,9 +24,16 @@ import numpy as np
 
 from .base import MemoryError_, OutOfRange, PhysMemory
 
+SCAN_CHUNK = 16 << 20  # bytes read at a time by FileMemory.find
+
 
 class ImageError(MemoryError_, ValueError):
     """A memory image that cannot be opened or is described wrongly (one clear message)."""
+
+
+class FileChanged(RuntimeError):
+    """The file behind an open dump shrank (or failed to read) while in use: fatal, so it is
+    not a :class:`MemoryError_` a walk would record as an anomaly and step over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,37 +51,52 @@ class Segment:
         return self.pa + self.memsz
 
 
-def _open_map(path: str | os.PathLike[str]) -> tuple[mmap.mmap | None, int]:
-    """Map ``path`` read-only; (None, 0) for an empty file."""
+def open_regular(path: str | os.PathLike[str], what: str = "") -> tuple[int, int]:
+    """Open ``path`` read-only without blocking and check it is a regular file: (fd, size).
+
+    A FIFO, socket or device raises :class:`ImageError` (opening a FIFO for reading would
+    block until a writer comes)."""
+    name = os.fspath(path)
+    label = f"{what} {name}" if what else f"{name}"
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise ImageError(f"cannot open {os.fspath(path)!s}: {e.strerror}") from None
+        raise ImageError(f"cannot open {label}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ImageError(f"{os.fspath(path)!s} is not a regular file")
-        if st.st_size == 0:
-            return None, 0
-        return mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ), st.st_size
-    except OSError as e:
-        raise ImageError(f"cannot map {os.fspath(path)!s}: {e.strerror}") from None
-    finally:
+            raise ImageError(f"{label} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def pread_exact(fd: int, size: int, offset: int, path: str) -> bytes:
+    """``size`` bytes at file ``offset``; :class:`FileChanged` when the file ends early."""
+    try:
+        data = os.pread(fd, size, offset)
+    except OSError as e:
+        raise FileChanged(f"cannot read {path} at offset {offset:#x}: {e.strerror}") from None
+    if len(data) != size:
+        raise FileChanged(f"{path} ends before offset {offset + size:#x}: the file was "
+                          "truncated while in use")
+    return data
 
 
 class FileMemory(PhysMemory):
-    """Read-only physical memory over non-overlapping :class:`Segment` s of one mapped file.
+    """Read-only physical memory over non-overlapping :class:`Segment` s of one file.
 
-    Table reads inside one segment are zero-copy ``np.frombuffer`` views of the mapping.
-    Subclasses call :meth:`_attach` with the mapping and their segments.
+    Subclasses call :meth:`_attach` with the open descriptor and their segments.
     """
 
     path: str
     file_size: int  # bytes
+    _fd: int | None = None
 
-    def _attach(self, mm: mmap.mmap | None, size: int, segments: Iterable[Segment]) -> None:
-        self._mm = mm
+    def _attach(self, fd: int, size: int, segments: Iterable[Segment]) -> None:
+        self._fd = fd
         self.file_size = size
         segs = sorted((s for s in segments if s.memsz > 0), key=lambda s: s.pa)
         self.segments: list[Segment] = segs
@@ -88,10 +116,10 @@ class FileMemory(PhysMemory):
                 return s
         return None
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
+    def _pread(self, offset: int, size: int) -> bytes:
+        if self._fd is None:
             raise ImageError(f"{self.path} is closed")
-        return self._mm
+        return pread_exact(self._fd, size, offset, self.path)
 
     # --- PhysMemory -----------------------------------------------------------------------
     def contains(self, pa: int, size: int = 8) -> bool:
@@ -106,7 +134,9 @@ class FileMemory(PhysMemory):
     def read(self, pa: int, size: int) -> bytes:
         if size < 0 or pa < 0:
             raise OutOfRange(f"bad read PA {pa:#x} size {size}")
-        mm = self._map()
+        s = self._find(pa)
+        if s is not None and pa + size <= s.pa + s.filesz:  # the common case: one pread
+            return self._pread(s.offset + pa - s.pa, size)
         out = bytearray()
         want_pa, want = pa, size
         while size > 0:
@@ -119,44 +149,63 @@ class FileMemory(PhysMemory):
             rel = pa - s.pa
             in_file = max(0, min(n, s.filesz - rel))
             if in_file:
-                out += mm[s.offset + rel : s.offset + rel + in_file]
+                out += self._pread(s.offset + rel, in_file)
             if n > in_file:
                 out += bytes(n - in_file)
             pa, size = pa + n, size - n
         return bytes(out)
 
     def read_u64(self, pa: int) -> int:
-        s = self._find(pa)
-        if s is not None and pa + 8 <= s.pa + s.filesz:
-            off = s.offset + pa - s.pa
-            return int.from_bytes(self._map()[off : off + 8], "little")
         return int.from_bytes(self.read(pa, 8), "little")
 
     def read_table(self, pa: int, n: int) -> np.ndarray:
-        """``n`` entries at ``pa``: a read-only view of the mapping when inside one segment's
-        file part, zeros in a zero-filled tail, else a copy."""
+        """``n`` entries at ``pa`` (read-only): zeros in a zero-filled tail."""
         s = self._find(pa)
         nbytes = n * 8
-        if s is not None and pa + nbytes <= s.end:
-            rel = pa - s.pa
-            if rel + nbytes <= s.filesz:
-                return np.frombuffer(self._map(), dtype="<u8", count=n, offset=s.offset + rel)
-            if rel >= s.filesz:
-                return np.zeros(n, dtype=np.uint64)
+        if s is not None and pa + nbytes <= s.end and pa - s.pa >= s.filesz:
+            return np.zeros(n, dtype=np.uint64)
         return np.frombuffer(self.read(pa, nbytes), dtype="<u8")
 
-    def find(self, needle: bytes, start: int = 0) -> Iterator[int]:
+    def find(self, needle: bytes, start: int = 0, limit: int | None = None) -> Iterator[int]:
         """PAs >= ``start`` where ``needle`` occurs in the file-backed bytes (within one
-        segment), in PA order; a memmem scan of the mapping."""
-        mm = self._map()
+        segment), in PA order. Reads :data:`SCAN_CHUNK` bytes at a time (memory stays bounded),
+        skips the file's holes (``SEEK_DATA``; ``needle`` must not be all zeros) and covers at
+        most ``limit`` bytes of PA space in all when given."""
+        if not needle.strip(b"\0"):
+            raise ValueError("the needle must hold a non-zero byte")
+        left = limit if limit is not None else 1 << 64
         for s in self.segments:
             if s.pa + s.filesz <= start:
                 continue
-            lo = s.offset + max(0, start - s.pa)
+            pos = s.offset + max(0, start - s.pa)
             hi = s.offset + s.filesz
-            while (at := mm.find(needle, lo, hi)) >= 0:
-                yield s.pa + at - s.offset
-                lo = at + 1
+            while pos < hi and left > 0:
+                data_at = self._next_data(pos)
+                if data_at > pos:  # a hole: zeros hold no match
+                    left -= min(data_at, hi) - pos
+                    pos = data_at
+                    continue
+                n = min(SCAN_CHUNK + len(needle) - 1, hi - pos, left + len(needle) - 1)
+                data = self._pread(pos, n)
+                i = data.find(needle)
+                while i >= 0:
+                    yield s.pa + pos + i - s.offset
+                    i = data.find(needle, i + 1)
+                step = min(SCAN_CHUNK, n)
+                pos += step
+                left -= step
+
+    def _next_data(self, pos: int) -> int:
+        """The first file offset >= ``pos`` that is not in a hole (``pos`` when the file
+        system cannot tell; the file size when only holes remain)."""
+        if self._fd is None:
+            raise ImageError(f"{self.path} is closed")
+        try:
+            return os.lseek(self._fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after pos
+                return max(pos, self.file_size)
+            return pos
 
     def ranges(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
@@ -168,13 +217,14 @@ class FileMemory(PhysMemory):
         return out
 
     def close(self) -> None:
-        """Unmap the file. Table views still alive keep the mapping until they are freed."""
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # numpy views exported: the mapping is released with the last of them
+        """Close the file. Arrays already returned stay valid (they are copies)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path} {len(self.segments)} segments>"
@@ -212,7 +262,7 @@ def check_regions(regions: Sequence[Region], file_size: int, path: str) -> list[
 
 
 class RawImage(FileMemory):
-    """A raw physical-memory image read through mmap (read-only).
+    """A raw physical-memory image (read-only).
 
     ``regions`` lists ``(pa_base, file_offset, size)``; by default the whole file is PA 0
     onwards. Regions beyond the end of the file or overlapping in PA raise :class:`ImageError`
@@ -223,8 +273,7 @@ class RawImage(FileMemory):
         self, path: str | os.PathLike[str], regions: Sequence[Region] | None = None
     ) -> None:
         self.path = os.fspath(path)
-        self._mm = None
-        mm, size = _open_map(path)
+        fd, size = open_regular(path)
         try:
             if regions is None:
                 if size == 0:
@@ -234,7 +283,6 @@ class RawImage(FileMemory):
                 raise ImageError("no regions given")
             segs = check_regions(regions, size, self.path)
         except BaseException:
-            if mm is not None:
-                mm.close()
+            os.close(fd)
             raise
-        self._attach(mm, size, segs)
+        self._attach(fd, size, segs)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Mapping
 
+from ..arch import ArchError, ArchOps, arch_for, vmcoreinfo_arch
 from .base import MemoryError_, PhysMemory
 
-START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # x86-64 __START_KERNEL_map
 _HEX_KEYS = ("SYMBOL(", "KERNELOFFSET", "PAGE_OFFSET", "VMALLOC_START", "VMEMMAP_START")
 
 
@@ -125,15 +125,12 @@ class VmcoreInfo(Mapping[str, str]):
         """KASLR displacement of the kernel image (``KERNELOFFSET``)."""
         return self._conv("KERNELOFFSET", _hex) if "KERNELOFFSET" in self._d else None
 
-    # --- architecture facts ---------------------------------------------------------------
+    # --- architecture facts (the rules are ptlab.arch's) ------------------------------------
     @property
     def arch(self) -> str | None:
         """``"x86_64"`` or ``"arm64"`` judged from the arch-specific keys, else None."""
-        if self.has("NUMBER", "kimage_voffset") or self.has("NUMBER", "TCR_EL1_T1SZ"):
-            return "arm64"
-        if self.has("SYMBOL", "init_top_pgt") or self.has("NUMBER", "phys_base"):
-            return "x86_64"
-        return None
+        ops = vmcoreinfo_arch(self)
+        return ops.name if ops is not None else None
 
     @property
     def pgtable_l5_enabled(self) -> bool | None:
@@ -157,39 +154,42 @@ class VmcoreInfo(Mapping[str, str]):
         t1sz = self.tcr_el1_t1sz
         return 64 - t1sz if t1sz else self.va_bits
 
-    def x86_pa_symbol(self, name: str) -> int:
-        """x86-64 ``__pa_symbol``: ``x - __START_KERNEL_map + phys_base``
-        (arch/x86/mm/physaddr.c ``__phys_addr_symbol``)."""
-        return self.symbol(name) - START_KERNEL_MAP + self.number("phys_base")
-
-    def arm64_pa_symbol(self, name: str) -> int:
-        """arm64 ``__pa_symbol`` (``__kimg_to_phys``): ``x - kimage_voffset``."""
-        return (self.symbol(name) - self.number("kimage_voffset")) & ((1 << 64) - 1)
+    def pa_symbol(self, name: str, arch: str | None = None) -> int:
+        """``__pa_symbol(name)``: the PA of a kernel-image symbol, by the rule of ``arch``
+        (default: :attr:`arch`)."""
+        return self._ops(arch).pa_symbol(self, name)
 
     def kernel_root(self, arch: str | None = None) -> int:
-        """PA of the kernel's top page table: x86 ``init_top_pgt``, arm64 ``swapper_pg_dir``."""
-        arch = arch or self.arch
-        if arch == "x86_64":
-            name, pa = "init_top_pgt", self.x86_pa_symbol("init_top_pgt")
-        elif arch == "arm64":
-            name, pa = "swapper_pg_dir", self.arm64_pa_symbol("swapper_pg_dir")
-        else:
-            raise VmcoreInfoError("VMCOREINFO does not say which architecture it describes")
+        """PA of the kernel's top page table (x86 ``init_top_pgt``, arm64 ``swapper_pg_dir``)
+        for ``arch`` (default: :attr:`arch`)."""
+        ops = self._ops(arch)
+        pa = ops.vmcoreinfo_root(self)
         if pa < 0 or pa >= 1 << 52 or pa & 0xFFF:
-            raise VmcoreInfoError(f"VMCOREINFO gives {name} at PA {pa:#x}: not a table address")
+            raise VmcoreInfoError(f"VMCOREINFO gives {ops.root_symbol} at PA {pa:#x}: "
+                                  "not a table address")
         return pa
+
+    def _ops(self, arch: str | None) -> ArchOps:
+        arch = arch or self.arch
+        if arch is None:
+            raise VmcoreInfoError("VMCOREINFO does not say which architecture it describes")
+        try:
+            return arch_for(arch)
+        except ArchError as e:
+            raise VmcoreInfoError(str(e)) from None
 
 
 NOTE_NAME = b"VMCOREINFO\0\0"  # name padded to 4 bytes, after a 12-byte Elf64_Nhdr
 MAX_NOTE = 1 << 20
 
 
-def find_vmcoreinfo(mem: PhysMemory) -> tuple[int, VmcoreInfo] | None:
+def find_vmcoreinfo(mem: PhysMemory, limit: int | None = None) -> tuple[int, VmcoreInfo] | None:
     """Find the kernel's VMCOREINFO ELF note in physical memory (``paddr_vmcoreinfo_note()``,
     what ``/sys/kernel/vmcoreinfo`` points to): the note header (namesz 11, type 0) followed by
     text starting ``OSRELEASE=``. Returns (PA of the note, parsed text) or None.
-    Needs a backend with ``find`` (the file-backed ones); others are read in 1 MiB chunks."""
-    for at in _occurrences(mem, NOTE_NAME):
+    Needs a backend with ``find`` (the file-backed ones); others are read in 1 MiB chunks.
+    ``limit`` bounds the bytes scanned (from the lowest PA up)."""
+    for at in _occurrences(mem, NOTE_NAME, limit):
         hdr = at - 12
         if hdr < 0 or not mem.contains(hdr, 12 + len(NOTE_NAME) + 10):
             continue
@@ -203,15 +203,17 @@ def find_vmcoreinfo(mem: PhysMemory) -> tuple[int, VmcoreInfo] | None:
     return None
 
 
-def _occurrences(mem: PhysMemory, needle: bytes) -> Iterator[int]:
+def _occurrences(mem: PhysMemory, needle: bytes, limit: int | None = None) -> Iterator[int]:
     find = getattr(mem, "find", None)
     if find is not None:
-        yield from find(needle)
+        yield from find(needle, limit=limit)
         return
     chunk = 1 << 20
+    left = limit if limit is not None else 1 << 64
     for start, end in mem.ranges():
         pa = start
-        while pa < end:
+        while pa < end and left > 0:
+            left -= chunk
             n = min(chunk + len(needle) - 1, end - pa)
             data = mem.read(pa, n)
             i = data.find(needle)

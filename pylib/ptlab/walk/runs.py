@@ -1,20 +1,37 @@
-"""Leaf runs: what a walk yields (:class:`Run`), the anomalies it records, and the
-:class:`RunTable` holding a whole walk's runs compactly."""
+"""Leaf runs: what a walk yields (:class:`Run`), the one rule of what continues a run
+(:func:`continues`), the anomalies a walk records, and the :class:`RunTable` holding a whole
+walk's runs compactly."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat, starmap
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 
 from ..formats.base import Attrs, Kind
 
-__all__ = ["HOLE_ATTRS", "Anomaly", "Run", "RunBlock", "RunRow", "RunTable"]
+__all__ = ["HOLE_ATTRS", "Anomaly", "Run", "RunBlock", "RunRow", "RunTable", "continues"]
 
 HOLE_ATTRS = Attrs(present=False)  # attrs of a hole run (no entry at all)
+_EMPTY, _LEAF = int(Kind.EMPTY), int(Kind.LEAF)
+
+
+def continues(prev_kind: Any, prev_key: Any, kind: Any, key: Any, adjacent: Any,
+              contiguous: Any) -> Any:
+    """The run rule: whether a segment (an entry, a run) continues the run before it.
+
+    It must start where that run ends, at the same level (``adjacent``), and be of the same
+    kind; a hole (EMPTY) continues a hole; a table or a leaf needs an equal key (the attr keys
+    of raw entries, or the comparison ids of decoded leaves) and a leaf also an output address
+    that continues the run's (``contiguous``). Elementwise on numpy arrays (the boundary pairs
+    of a batch) as on scalars (the open run and the next segment): every path of the walker
+    uses this one definition."""
+    same = (kind == prev_kind) & (
+        (kind == _EMPTY) | ((key == prev_key) & ((kind != _LEAF) | contiguous)))
+    return same if adjacent is True else adjacent & same
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,23 +95,27 @@ RunRow = tuple[int, int, int, int, int, Attrs, int, Kind, "Attrs | None"]
 
 
 class RunBlock:
-    """Consecutive leaf runs of one page size and level, held as numpy columns (the
-    vectorised part of a walk); rows are made from them on access."""
+    """Consecutive runs of one page size and level, held as numpy columns (the vectorised part
+    of a walk); rows are made from them on access. ``kind`` holds each run's :class:`Kind`
+    (an object array; None: all leaves)."""
 
-    __slots__ = ("attrs", "count", "level", "own", "pa", "page_size", "size", "va")
+    __slots__ = ("attrs", "count", "kind", "level", "own", "pa", "page_size", "size", "va")
 
     def __init__(self, va: np.ndarray, size: np.ndarray, pa: np.ndarray, page_size: int,
-                 level: int, attrs: np.ndarray, count: np.ndarray, own: np.ndarray) -> None:
+                 level: int, attrs: np.ndarray, count: np.ndarray, own: np.ndarray,
+                 kind: np.ndarray | None = None) -> None:
         self.va, self.size, self.pa, self.count = va, size, pa, count
         self.page_size, self.level, self.attrs, self.own = page_size, level, attrs, own
+        self.kind = kind
 
     def __len__(self) -> int:
         return self.va.size
 
     def rows(self) -> Iterator[RunRow]:
+        kind = repeat(Kind.LEAF) if self.kind is None else self.kind.tolist()
         return zip(self.va.tolist(), self.size.tolist(), self.pa.tolist(),
                    repeat(self.page_size), repeat(self.level), self.attrs.tolist(),
-                   self.count.tolist(), repeat(Kind.LEAF), self.own.tolist())
+                   self.count.tolist(), kind, self.own.tolist())
 
 
 class RunTable(Sequence[Run]):
@@ -136,13 +157,3 @@ class RunTable(Sequence[Run]):
 
     def __iter__(self) -> Iterator[Run]:
         return starmap(_make_run, self.rows())
-
-    def column(self, name: str) -> np.ndarray:
-        """One numeric field of every run (va, size, pa, page_size, level or count) as uint64."""
-        fields = ("va", "size", "pa", "page_size", "level", "attrs", "count")
-        if name not in fields or name == "attrs":
-            raise ValueError(f"no numeric run field {name!r}")
-        at = fields.index(name)
-        return np.fromiter((r[at] for r in self.rows()), dtype=np.uint64, count=self._len)
-
-

@@ -8,26 +8,17 @@ import numpy as np
 
 from ..formats.base import Attrs, Entry, Format, Kind, combine
 from ..memory.base import MemoryError_, PhysMemory
+from .cursor import Cursor, geometry, seek
 
 __all__ = ["Step", "Trace", "level_name", "translate"]
 
 U64 = (1 << 64) - 1
-_GENERIC_NAMES = {
-    1: ("pgd",),
-    2: ("pte", "pgd"),
-    3: ("pte", "pmd", "pgd"),
-    4: ("pte", "pmd", "pud", "pgd"),
-    5: ("pte", "pmd", "pud", "p4d", "pgd"),
-}
 
 
 def level_name(fmt: Format, level: int) -> str:
-    """The kernel's name of ``level`` in ``fmt`` (pte, pmd, pud, p4d, pgd)."""
-    named = getattr(fmt, "level_name", None)
-    if named is not None:
-        return named(level)
-    names = _GENERIC_NAMES.get(fmt.levels)
-    return names[level] if names and 0 <= level < len(names) else f"level{level}"
+    """The kernel's name of ``level`` in ``fmt`` (pte, pmd, pud, p4d, pgd; the names come
+    from :mod:`ptlab.arch` through :meth:`Format.level_name`)."""
+    return fmt.level_name(level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +39,7 @@ class Trace:
 
     ``fault`` is None when ``va`` is mapped by a present leaf; otherwise it says why not
     ("not present at pmd", "non-canonical", "cycle at pud", "table outside memory at pmd",
+    "table unreadable at pte (...)" when a read fails, e.g. a page not in a kdump,
     "not present" for a non-present leaf, whose ``pa``/``attrs`` are still filled in).
     ``notes`` holds the format's anomaly reasons for entries on the path.
     """
@@ -80,57 +72,59 @@ def low_va(fmt: Format, va: int) -> int:
 
 
 def translate(fmt: Format, mem: PhysMemory, root: int, va: int) -> Trace:
-    """Walk ``va`` from the root table at ``root``, recording the entry read at every level."""
+    """Walk ``va`` from the root table at ``root`` on the cursor (:func:`.cursor.seek`),
+    recording the entry read at every level.
+
+    A VA the root does not translate faults "non-canonical" when the format translates
+    both halves of the VA space (sign-extended VAs: a VA between them is non-canonical),
+    else "outside this root's VA range" (one half: arm64 TTBR0 / TTBR1 roots)."""
     va = check_int("va", va, 0, U64)
     root = check_int("root", root, 0, U64)
     trace = Trace(va=va, steps=[])
     if not fmt.covers(va):
-        trace.fault = "non-canonical" if fmt.arch == "x86_64" else "outside this root's VA range"
+        both = fmt.va_halves == "both"
+        trace.fault = "non-canonical" if both else "outside this root's VA range"
         return trace
-    low = low_va(fmt, va)
-    table_pa, path, seen = root, [], {root}
-    for level in range(fmt.top_level, -1, -1):
-        name = level_name(fmt, level)
-        n = fmt.entries(level)
-        index = fmt.index(low, level)
-        entry_pa = table_pa + index * 8
-        if not mem.contains(table_pa, n * 8):
-            trace.fault = f"table outside memory at {name}"
-            return trace
-        try:
-            raw = mem.read_u64(entry_pa)
-        except MemoryError_ as exc:
-            trace.fault = f"table outside memory at {name} ({exc})"
-            return trace
-        entry = fmt.decode(raw, level)
-        trace.steps.append(Step(level, table_pa, index, entry_pa, raw, entry))
+    geo = geometry(fmt)
+    if not mem.contains(root, geo.entries[geo.top] * 8):
+        trace.fault = f"table outside memory at {level_name(fmt, geo.top)}"
+        return trace
+    path: list[Attrs] = []
+    seen = {root}
+
+    def visit(c: Cursor, entry: Entry) -> int | None:
+        """Record ``c``'s entry; the next table's PA, or None with the outcome in ``trace``."""
+        level, name = c.level, level_name(fmt, c.level)
+        raw = c.raw()
+        trace.steps.append(Step(level, c.table, c.index, c.entry_pa(), raw, entry))
         trace.notes.extend(f"{name}: {r}" for r in fmt.anomalies(raw, level))
         if entry.kind is Kind.EMPTY:
             trace.fault = f"not present at {name}"
-            return trace
-        if entry.kind is Kind.TABLE:
-            if level == 0:
-                trace.fault = f"table entry at {name}"
-                return trace
+        elif entry.kind is Kind.LEAF:
+            trace.pa = entry.oa + (c.start - c.va())
+            trace.page_size, trace.level = c.entry_size, level
+            trace.attrs = combine(path, entry.attrs)
             if not entry.attrs.present:
-                trace.fault = f"not present at {name}"
-                return trace
-            if entry.oa in seen:
-                trace.fault = f"cycle at {name}"
-                return trace
-            if not mem.contains(entry.oa, fmt.entries(level - 1) * 8):
-                trace.fault = f"table outside memory at {level_name(fmt, level - 1)}"
-                return trace
+                trace.fault = "not present"
+        elif level == 0:
+            trace.fault = f"table entry at {name}"
+        elif not entry.attrs.present:
+            trace.fault = f"not present at {name}"
+        elif entry.oa in seen:
+            trace.fault = f"cycle at {name}"
+        elif not mem.contains(entry.oa, geo.entries[level - 1] * 8):
+            trace.fault = f"table outside memory at {level_name(fmt, level - 1)}"
+        else:
             path.append(entry.attrs)
             seen.add(entry.oa)
-            table_pa = entry.oa
-            continue
-        size = fmt.entry_size(level)
-        trace.pa = entry.oa + (low & (size - 1))
-        trace.page_size, trace.level = size, level
-        trace.attrs = combine(path, entry.attrs)
-        if not entry.attrs.present:
-            trace.fault = "not present"
-        return trace
-    trace.fault = "no leaf below the last level"  # unreachable for well-formed formats
+            return entry.oa
+        return None
+
+    try:
+        c = seek(geo, mem, root, va & geo.mask, 0, visit)
+        if c is not None:
+            visit(c, c.entry())
+    except MemoryError_ as exc:
+        name = level_name(fmt, geo.top - len(trace.steps))
+        trace.fault = f"table unreadable at {name} ({exc})"
     return trace
