@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import numpy as np
 
 from ..formats.base import Attrs, Entry, Format, Kind, combine
 from ..memory.base import MemoryError_, PhysMemory
-from .cursor import Cursor, Geometry, TableReader, geometry
+from .batch import Batch, Runs
+from .cursor import geometry
 from .runs import HOLE_ATTRS, Anomaly, Run, RunBlock, RunRow, RunTable, continues
 from .trace import U64 as _U64
 from .trace import check_int as _check_int
@@ -60,77 +60,6 @@ _CHUNK = 512  # tables scanned in one numpy pass (bounds the temporary array: 2 
 _BLOCK_MIN = 16  # table-free stretches of at least this many runs are emitted vectorised
 _EMPTY, _TABLE, _LEAF = int(Kind.EMPTY), int(Kind.TABLE), int(Kind.LEAF)
 _KINDS = np.array(list(Kind), dtype=object)  # kind number -> Kind
-
-
-class Batch(Cursor):
-    """The walker's cursor: ``tables``, VA-consecutive tables of one level walked as one (entry
-    ``i`` of the batch is entry ``i % n`` of table ``i // n``), the range clipped to their span,
-    with the attrs of the table entries above (``ctx``) and the tables a child table may not
-    be (``path``: the walk path above)."""
-
-    __slots__ = ("_below", "ctx", "path", "tables")
-
-    def __init__(self, geo: Geometry, mem: TableReader, level: int, tables: list[int],
-                 base: int, start: int, end: int, ctx: tuple[Attrs, ...],
-                 path: frozenset[int]) -> None:
-        self.geo, self.level, self.base = geo, level, base
-        stop = self.va(len(tables) * geo.entries[level])  # low VA past the last table
-        super().__init__(geo, mem, level, tables[0], base, max(start, base), min(end, stop))
-        self.tables, self.ctx, self.path = tables, ctx, path
-        self._below: tuple[frozenset[int], np.ndarray] | None = None
-
-    def table_entry(self, j: int) -> int:
-        """Batch index of table ``j``'s entry 0."""
-        return j * self.n
-
-    def below(self) -> tuple[frozenset[int], np.ndarray]:
-        """The tables a child table may not be (the path and this batch's tables), as a set
-        and as an array."""
-        if self._below is None:
-            here = self.path | frozenset(self.tables)
-            self._below = here, np.fromiter(here, dtype=np.uint64, count=len(here))
-        return self._below
-
-    def table_span(self) -> tuple[int, int]:
-        """[j0, j1): the tables the range touches."""
-        if self.start >= self.end:
-            return 0, 0
-        n = self.n
-        return self.index // n, -(-self.end_index // n)
-
-    def sub(self, j0: int, j1: int) -> Batch:
-        """Tables [j0, j1) as a batch of their own."""
-        return Batch(self.geo, self.mem, self.level, self.tables[j0:j1],
-                     self.va(self.table_entry(j0)),
-                     self.start, self.end, self.ctx, self.path)
-
-    def entry_pa(self, i: int | None = None) -> int:
-        """PA of batch entry ``i`` (default: the current one)."""
-        t, k = divmod(self.index if i is None else i, self.n)
-        return self.tables[t] + 8 * k
-
-    def descend_run(self, i: int, children: list[int], attrs: Attrs) -> Batch:
-        """The batch of ``children``, the tables entries i, i+1, ... point to (``descend``
-        for a run of table entries whose own attrs are ``attrs``)."""
-        return Batch(self.geo, self.mem, self.level - 1, children, self.va(i), self.start,
-                     self.end, (*self.ctx, attrs), self.below()[0])
-
-
-class Runs(NamedTuple):
-    """The runs of a scanned batch: each run's first and past-the-end entry (indices from the
-    batch cursor's ``index``), and the kind, attr key, raw entry and output address of its
-    first entry."""
-
-    starts: np.ndarray
-    ends: np.ndarray
-    kinds: np.ndarray
-    keys: np.ndarray
-    raws: np.ndarray
-    oas: np.ndarray
-
-    def part(self, a: int, z: int) -> Runs:
-        """Runs a..z-1."""
-        return Runs(*(c[a:z] for c in self))
 
 
 class Walker:
@@ -318,8 +247,10 @@ class Walker:
         """Walk the tables of batch ``b`` that its range touches, at most _CHUNK at once."""
         n = b.n
         j, j1 = b.table_span()
-        read: dict[int, np.ndarray] = {}  # one read per distinct table of the batch
         while j < j1:
+            # one read per distinct table of the chunk (not of the batch: memory stays bounded
+            # by _CHUNK tables however many tables the batch has)
+            read: dict[int, np.ndarray] = {}
             k = min(j1, j + _CHUNK, j + self._left // n, j + self.max_tables - self.tables_visited)
             if k <= j or self._exhausted:  # the budget does not hold table j
                 i = b.table_entry(j)
