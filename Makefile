@@ -3,14 +3,22 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Selection: ARCH=x86_64|arm64|all, PROFILE=name[,name...] (ptharness.profiles.PROFILES),
+# KERNEL=<series> (ptharness.profiles.KERNELS; empty: the default).
 ARCH ?= x86_64
+PROFILE ?=
+KERNEL ?=
 JOBS ?= auto
-
-ifeq ($(ARCH),all)
-ARCHES := x86_64 arm64
-else
-ARCHES := $(ARCH)
+PYTEST_ARGS ?=
+# One artifacts folder per run (JUnit XML; on failure console, QMP transcript, report);
+# `make test` hands its RUN_ID to the sub-makes.
+ifndef RUN_ID
+RUN_ID := $(shell date -u +%Y%m%dT%H%M%SZ)
 endif
+export RUN_ID
+ARTIFACTS ?= $(CURDIR)/artifacts/$(RUN_ID)
+SELECT := PTLAB_ARCH=$(ARCH) PTLAB_PROFILE=$(PROFILE) PTLAB_KERNEL=$(KERNEL) \
+	PTLAB_ARTIFACTS=$(ARTIFACTS)
 
 .PHONY: setup host-deps images test-unit test-qemu test bench lint clean
 
@@ -25,13 +33,14 @@ host-deps:
 	@bash images/host-deps.sh
 
 images: setup host-deps
-	@for a in $(ARCHES); do $(BIN)/python -m ptharness.image $$a || exit 1; done
+	@$(BIN)/python -m ptharness.image --kernel "$(KERNEL)" --profile "$(PROFILE)" $(ARCH)
 
 test-unit: setup
-	$(BIN)/pytest -q -n $(JOBS) tests/unit
+	$(BIN)/pytest -q -n $(JOBS) --junitxml=$(ARTIFACTS)/junit-unit.xml tests/unit
 
 test-qemu: images
-	PTLAB_ARCH=$(ARCH) $(BIN)/pytest -q -n $(JOBS) --dist loadscope -m qemu tests/qemu
+	$(SELECT) $(BIN)/pytest -q -n $(JOBS) --dist loadscope -m qemu \
+		--junitxml=$(ARTIFACTS)/junit-qemu.xml $(PYTEST_ARGS) tests/qemu
 
 # images first, so that the unit tests that read the built images run too
 test: setup host-deps
@@ -43,8 +52,12 @@ bench: setup
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/guest.py
 
+# CI definitions: JSON-schema checks (SchemaStore's schemas, vendored by check-jsonschema);
+# tests/unit/test_ci_matrix.py checks their matrices against the harness.
 lint: setup
 	$(BIN)/ruff check pylib harness tests bench
+	$(BIN)/check-jsonschema -q --builtin-schema vendor.github-workflows .github/workflows/ci.yml
+	$(BIN)/check-jsonschema -q --builtin-schema vendor.gitlab-ci .gitlab-ci.yml
 
 clean:
 	rm -rf $(VENV) images/cache guest/build

@@ -13,6 +13,14 @@ Figures (targets in brackets):
 * ``info_tlb_s[x86_64]``: QEMU's ``info tlb`` on the same stopped guest (the HMP round trip,
   median), and ``walk_vs_info_tlb_ratio`` = walk_kernel_s[x86_64] / info_tlb_s[x86_64]
   [<= 0.5].
+* ``kernel_to_init_s[<profile>]``: the kernel's uptime when it ran /init (the ``init=`` stamp
+  of the console's ``ptlab-init: uptime`` line, guest/ptinit.c), i.e. the kernel's own boot;
+  ``boot_overhead_ratio[<profile>]`` = (boot_to_agent_s - kernel_to_init_s) / kernel_to_init_s
+  (firmware, /init, SSH and the first reply) [<= 0.25].
+* ``reset_s[<profile>]``: Guest.reset() to a checkpoint taken after boot, until the agent
+  answers ``ping`` again (median of ``--repeat``); ``reset_vs_boot_ratio[<profile>]`` =
+  reset_s / boot_to_agent_s [<= 0.2]; ``la57_vs_x86_64_boot_ratio`` = boot_to_agent_s of
+  x86_64-la57 / x86_64 [<= 1.3] (when both profiles run).
 * ``read_GiBps[shared]``: PhysMemory.read (2 MiB reads, bytes copied out) over all guest
   RAM through the shared mapping, median of 3 passes (``[shared-first]``: the first pass, which
   faults the mapping in; ``[shared-view]``: numpy over the zero-copy view);
@@ -25,12 +33,14 @@ Diagnostics (targets, progress) go to stderr.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import benchlib  # bench/benchlib.py: the script's own folder is on sys.path
 import numpy as np
 
 ALL_PROFILES = ("x86_64", "x86_64-la57", "x86_64-pti", "arm64", "arm64-kpti")
@@ -42,16 +52,16 @@ TARGETS = {
     "boot_to_agent_s[x86_64]": ("<=", 3.0),
     "boot_to_agent_s[arm64]": ("<=", 2.0),
     "walk_vs_info_tlb_ratio": ("<=", 0.5),
+    "la57_vs_x86_64_boot_ratio": ("<=", 1.3),
+    **{f"{name}[{p}]": ("<=", limit) for p in ALL_PROFILES
+       for name, limit in (("boot_overhead_ratio", 0.25), ("reset_vs_boot_ratio", 0.2))},
 }
+INIT_STAMP = re.compile(r"ptlab-init: uptime init=([0-9.]+)")
+boot_s: dict[str, float] = {}  # boot_to_agent_s of the profiles benchmarked so far
 
 
 def figure(name: str, value: float, unit: str) -> None:
-    print(f"{name}: {value:.4g} {unit}".rstrip(), flush=True)
-    target = TARGETS.get(name)
-    if target is not None:
-        op, limit = target
-        ok = value <= limit if op == "<=" else value >= limit
-        print(f"# {name} target {op} {limit}: {'met' if ok else 'MISSED'}", file=sys.stderr)
+    benchlib.figure(name, value, unit, TARGETS)
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:
@@ -89,6 +99,14 @@ def bench_profile(profile: str, repeat: int, do_io: bool) -> None:
     print(f"# booting {profile} (host load {load})", file=sys.stderr)
     with Guest(profile, image=image) as g:
         figure(f"boot_to_agent_s[{profile}]", g.boot_seconds, "s")
+        boot_s[profile] = g.boot_seconds
+        stamp = INIT_STAMP.search(g.console_tail(200))
+        if stamp is None:
+            print(f"# {profile}: no 'ptlab-init: uptime init=' on the console", file=sys.stderr)
+        else:
+            to_init = float(stamp.group(1))
+            figure(f"kernel_to_init_s[{profile}]", to_init, "s")
+            figure(f"boot_overhead_ratio[{profile}]", (g.boot_seconds - to_init) / to_init, "")
         root = g.kernel_root()
         fmt = g.kernel_format()
         g.stop()
@@ -135,6 +153,15 @@ def bench_profile(profile: str, repeat: int, do_io: bool) -> None:
                 dump.unlink(missing_ok=True)
             figure("pmemsave_raw_GiBps", CHUNK / secs / (1 << 30), "GiB/s")
         g.cont()
+        g.checkpoint()
+
+        def reset() -> None:
+            g.reset()
+            g.agent("ping")
+
+        reset_s = median_time(reset, repeat)
+        figure(f"reset_s[{profile}]", reset_s, "s")
+        figure(f"reset_vs_boot_ratio[{profile}]", reset_s / g.boot_seconds, "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,14 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     for p in profiles:
         bench_profile(p, args.repeat, do_io=not io_done)
         io_done = True
+    if "x86_64" in boot_s and "x86_64-la57" in boot_s:
+        figure("la57_vs_x86_64_boot_ratio", boot_s["x86_64-la57"] / boot_s["x86_64"], "")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as e:  # one clear line, not a traceback
-        print(f"bench/guest.py: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+    benchlib.run(main, "bench/guest.py")

@@ -136,7 +136,10 @@ class Guest(RootsMixin, HotplugMixin):
         boot_timeout: float = 120.0,
         smp: int = 1,
         image: Any = None,
+        devices: tuple[str, ...] = (),
     ) -> None:
+        """``devices``: extra ``-device`` specs (e.g. ``"vmcoreinfo"``, which makes
+        ``dump-guest-memory`` carry the kernel's VMCOREINFO note)."""
         self.profile: Profile = get_profile(profile)
         if not isinstance(mem_mb, int) or mem_mb < 128 or mem_mb % 2:
             raise ValueError(f"mem_mb must be an even int >= 128, not {mem_mb!r}")
@@ -147,6 +150,7 @@ class Guest(RootsMixin, HotplugMixin):
         self.boot_timeout = boot_timeout
         self.smp = smp
         self.image = image
+        self.devices = tuple(devices)
         self._info: dict[str, Any] | None = None
         self.boot_seconds: float | None = None  # QEMU start -> first agent reply
         self.timings: dict[str, float] = {}  # boot phases, seconds since QEMU start
@@ -249,6 +253,8 @@ class Guest(RootsMixin, HotplugMixin):
                 self.profile, kernel=kernel, initrd=initrd, paths=paths, ssh_port=self.ssh_port,
                 key_b64=key_b64, mem_mb=self.mem_mb, hotplug=self.hotplug, smp=self.smp,
             )
+            for dev in self.devices:
+                argv += ["-device", dev]
             for f in (paths.serial, paths.stderr, paths.qmp, paths.gdb, paths.ram):
                 f.unlink(missing_ok=True)
             with open(paths.stderr, "wb") as err:
@@ -263,7 +269,7 @@ class Guest(RootsMixin, HotplugMixin):
                 except OSError as e:
                     raise GuestError(f"cannot start {argv[0]}: {e}") from None
             proc = self._res.proc
-            monitor = Monitor(paths.qmp)
+            monitor = Monitor(paths.qmp, transcript=paths.qmp_log)
             try:
                 monitor.connect(min(deadline, time.monotonic() + 30),
                                 alive=lambda p=proc: p.poll() is None)

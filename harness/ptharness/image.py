@@ -1,10 +1,13 @@
 """Guest images: a Debian kernel + a newc initramfs (busybox, dropbear, ptagent, modules).
 
-`ensure_image(arch)` returns a cached image or builds it. The kernel is the one Debian's
-meta package (linux-image-amd64 / linux-image-arm64) currently names; packages are
+`ensure_image(arch, kernel)` returns a cached image or builds it. The kernel is the one a
+Debian meta package currently names: linux-image-amd64 / -arm64 for the 6.1 series (the default,
+:data:`ptharness.profiles.KERNELS`), linux-image-6.12-amd64 / -arm64 for 6.12; packages are
 downloaded and extracted, never installed. The cache key covers every package version
 and a hash of the recipe (images/rootfs, module and package lists, guest agent source,
-this builder). Usage: `python -m ptharness.image x86_64|arm64|all`.
+this builder). Usage: `python -m ptharness.image [--kernel K] [--profile P,..] [--key] ARCH|all`
+(the images the profiles of ARCH need; ``--key`` prints each image's directory name, a CI
+cache key, instead of building).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ptharness.image_cpio import NewcWriter
 from ptharness.image_debs import AptArch, Package, PackageError, extract, host_versions
 from ptharness.image_elf import ElfError, library_closure, vmlinux_from_bzimage
 from ptharness.image_modules import ModuleError, ModuleTree, read_ko
+from ptharness.profiles import KERNELS, get_kernel, select_profiles
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
@@ -60,14 +64,18 @@ class ArchRecipe:
     host_userland: bool    # True: busybox/dropbear/libs from the host; False: downloaded
     kernel_name: str       # boot image in the image dir: "bzImage" (+ PVH "vmlinux") | "Image"
 
-    @property
-    def meta(self) -> str:
-        return f"linux-image-{self.debarch}"
+    def meta(self, kernel: str) -> str:
+        """The meta package naming the current linux-image of kernel series ``kernel``."""
+        return KERNEL_META[kernel].format(debarch=self.debarch)
 
     @property
     def libdirs(self) -> list[str]:
         return [f"/lib/{self.triplet}", f"/usr/lib/{self.triplet}", "/lib", "/usr/lib"]
 
+
+# Debian bookworm's meta package of each kernel series: linux-image-amd64 depends on the 6.1
+# linux-image-6.1.0-N-amd64, linux-image-6.12-amd64 on linux-image-6.12.N+deb12-amd64.
+KERNEL_META = {"6.1": "linux-image-{debarch}", "6.12": "linux-image-6.12-{debarch}"}
 
 RECIPES = {
     "x86_64": ArchRecipe("x86_64", "amd64", "x86_64-linux-gnu", ("/lib64",), True, "bzImage"),
@@ -112,15 +120,23 @@ class _Inputs:
     def outdir(self) -> Path:
         return cache_root() / f"{self.recipe.arch}-{self.kernel.version}-{self.key}"
 
+    @property
+    def series(self) -> str:
+        """The kernel series ("6.1") of the package version ("6.1.192-3")."""
+        return ".".join(self.kernel.version.split(".")[:2])
 
-def _inputs(arch: str, progress: Progress) -> tuple[_Inputs, AptArch]:
+
+def _inputs(arch: str, kernel_series: str, progress: Progress) -> tuple[_Inputs, AptArch]:
     if arch not in RECIPES:
         raise ImageError(f"unknown arch {arch!r} (expected one of {', '.join(RECIPES)})")
     recipe = RECIPES[arch]
     apt = AptArch(recipe.debarch, cache_root() / "apt" / recipe.debarch)
     with _lock(f"apt-{recipe.debarch}"):
         apt.update(progress, force=os.environ.get("PTLAB_APT_REFRESH") == "1")
-    kernel = apt.kernel_package(recipe.meta)
+    kernel = apt.kernel_package(recipe.meta(kernel_series))
+    if not kernel.version.startswith(kernel_series + "."):
+        raise ImageError(f"{recipe.meta(kernel_series)} names {kernel.name} {kernel.version},"
+                         f" not a {kernel_series} kernel")
     names = _list_file(IMAGES / f"packages-{arch}.txt")
     if recipe.host_userland:
         userland = host_versions(names)
@@ -162,13 +178,31 @@ def _lock(name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_image(arch: str, *, progress: Progress = print) -> Image:
-    """The image for `arch`, built into images/cache/<arch>-<version>-<key>/ if missing.
+def _series(kernel: str | None) -> str:
+    """The kernel series to build: ``kernel``, else $PTLAB_KERNEL, else the default."""
+    try:
+        return get_kernel(kernel or os.environ.get("PTLAB_KERNEL"))
+    except ValueError as e:
+        raise ImageError(str(e)) from None
+
+
+def image_key(arch: str, kernel: str | None = None, *, progress: Progress = print) -> str:
+    """Name of the image directory `ensure_image` uses (<arch>-<version>-<key>): it changes
+    with every input of the image, so it serves as a CI cache key."""
+    try:
+        return _inputs(arch, _series(kernel), progress)[0].outdir.name
+    except (PackageError, OSError, subprocess.SubprocessError) as e:
+        raise ImageError(f"image {arch}: {e}") from None
+
+
+def ensure_image(arch: str, kernel: str | None = None, *, progress: Progress = print) -> Image:
+    """The image for `arch` with a kernel of series `kernel` (None: $PTLAB_KERNEL, else
+    the default), built into images/cache/<arch>-<version>-<key>/ if missing.
 
     Raises ImageError with one clear message on any failure.
     """
     try:
-        inputs, apt = _inputs(arch, progress)
+        inputs, apt = _inputs(arch, _series(kernel), progress)
         image = _load(inputs.outdir)
         if image is not None:
             return image
@@ -410,33 +444,67 @@ STALE_AFTER_S = 900
 
 
 def _prune(inputs: _Inputs, tree: Path) -> None:
-    """Remove this arch's superseded images (older than 15 minutes, so a harness that
-    just looked one up keeps it) and extracted kernels of other versions."""
+    """Remove this arch's superseded images of the same kernel series (older than 15 minutes,
+    so a harness that just looked one up keeps it) and extracted kernels of other versions of
+    the series (6.1 and 6.12 images live side by side)."""
     root = cache_root()
     now = time.time()
-    arch = inputs.recipe.arch
-    for d in root.glob(f"{arch}-*"):
+    arch, series = inputs.recipe.arch, inputs.series
+    for d in root.glob(f"{arch}-{series}.*"):
         if d != inputs.outdir and ".tmp" not in d.name and (d / "image.json").is_file() \
                 and now - (d / "image.json").stat().st_mtime > STALE_AFTER_S:
             shutil.rmtree(d, ignore_errors=True)
-    for d in (root / "pkg" / arch).glob("linux-image-*"):
+    for d in (root / "pkg" / arch).glob(f"linux-image-{series}.*"):
         if d != tree and ".tmp" not in d.name:
             shutil.rmtree(d, ignore_errors=True)
-    for deb in (root / "debs" / arch).glob("linux-image-*.deb"):
+    for deb in (root / "debs" / arch).glob(f"linux-image-{series}.*.deb"):
         if deb.name != inputs.kernel.deb_name:
             deb.unlink(missing_ok=True)
 
 
+USAGE = (f"usage: python -m ptharness.image [--kernel {'|'.join(KERNELS)}] [--profile P[,P...]]"
+         f" [--key] {'|'.join((*RECIPES, 'all'))}")
+
+
+def _arches(arch: str, profiles: str) -> list[str]:
+    """The architectures whose images the profiles ``profiles`` (all if "") of ``arch`` need."""
+    try:
+        chosen = select_profiles(arch, profiles)
+    except ValueError as e:
+        raise ImageError(str(e)) from None
+    return [a for a in RECIPES if any(p.arch == a for p in chosen)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    opts: dict[str, str] = {"--kernel": "", "--profile": ""}
+    key_only = False
+    while args and args[0].startswith("--"):
+        flag = args.pop(0)
+        if flag == "--key":
+            key_only = True
+        elif flag in opts and args:
+            opts[flag] = args.pop(0)
+        else:
+            print(USAGE, file=sys.stderr)
+            return 2
     if len(args) != 1 or args[0] not in (*RECIPES, "all"):
-        print(f"usage: python -m ptharness.image {'|'.join((*RECIPES, 'all'))}",
-              file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
-    for arch in RECIPES if args[0] == "all" else [args[0]]:
+    try:
+        kernel = _series(opts["--kernel"])
+        arches = _arches(args[0], opts["--profile"])
+    except ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    quiet: Progress = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    for arch in arches:
         t0 = time.monotonic()
         try:
-            image = ensure_image(arch, progress=lambda s: print(s, flush=True))
+            if key_only:
+                print(image_key(arch, kernel, progress=quiet))
+                continue
+            image = ensure_image(arch, kernel, progress=lambda s: print(s, flush=True))
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

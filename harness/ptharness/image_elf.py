@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PT_NOTE = 4
 XEN_ELFNOTE_PHYS32_ENTRY = 18   # include/xen/interface/elfnote.h: the PVH entry point
 
@@ -52,12 +53,40 @@ def pvh_entry(elf: bytes) -> int | None:
     return None
 
 
-def vmlinux_from_bzimage(bzimage: bytes) -> bytes:
-    """Decompress the xz payload of an x86 bzImage into the ELF vmlinux it carries.
+def _zstd_payload(bzimage: bytes) -> bytes | None:
+    """The decompressed zstd payload (CONFIG_KERNEL_ZSTD, Debian's 6.12), found through the
+    setup header's payload_offset/payload_length (boot protocol 2.08, Documentation/arch/x86/
+    boot.rst), or None if the payload is not zstd. The kernel's build appends the
+    decompressed size (4 bytes) to the zstd frame (scripts/Makefile.lib zstd22_with_size)."""
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        return None
+    start = ((bzimage[0x1F1] or 4) + 1) * 512
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    payload = bzimage[start + offset:start + offset + length]
+    if payload[:4] != ZSTD_MAGIC or length < 8:
+        return None
+    import cramjam
 
-    The setup code comes first; the payload starts at an xz stream magic. Every candidate
-    magic is tried until one decompresses to an ELF64 with a PVH entry note.
+    try:
+        return bytes(cramjam.zstd.decompress(payload[:-4]))
+    except cramjam.DecompressionError as e:
+        raise ElfError(f"the bzImage's zstd payload does not decompress: {e}") from None
+
+
+def vmlinux_from_bzimage(bzimage: bytes) -> bytes:
+    """Decompress the xz or zstd payload of an x86 bzImage into the ELF vmlinux it carries.
+
+    The setup code comes first; a zstd payload is where the setup header says, an xz one
+    starts at an xz stream magic (every candidate magic is tried). The result must be an
+    ELF64 with a PVH entry note.
     """
+    out = _zstd_payload(bzimage)
+    if out is not None:
+        if not _is_elf64le(out):
+            raise ElfError("the bzImage's zstd payload is not an ELF64 vmlinux")
+        if pvh_entry(out) is None:
+            raise ElfError("the bzImage's vmlinux has no PVH entry note (CONFIG_PVH)")
+        return out
     start = bzimage.find(XZ_MAGIC)
     while start >= 0:
         try:
@@ -69,7 +98,7 @@ def vmlinux_from_bzimage(bzimage: bytes) -> bytes:
                 raise ElfError("the bzImage's vmlinux has no PVH entry note (CONFIG_PVH)")
             return out
         start = bzimage.find(XZ_MAGIC, start + 1)
-    raise ElfError("no xz-compressed ELF payload in the bzImage")
+    raise ElfError("no xz- or zstd-compressed ELF payload in the bzImage")
 
 
 def needed(path: Path) -> list[str]:

@@ -99,6 +99,45 @@ def get_profile(name: str) -> Profile:
         raise ValueError(f"unknown guest profile {name!r}; known: {', '.join(PROFILES)}") from None
 
 
+# Kernel series a guest image can carry (Debian bookworm's linux-image packages); the first is
+# the default. A series is the kernel's "major.minor" (uname -r starts with it).
+KERNELS: tuple[str, ...] = ("6.1",)
+DEFAULT_KERNEL = KERNELS[0]
+ARCHES: tuple[str, ...] = tuple(BOARDS)
+
+
+def get_kernel(series: str | None) -> str:
+    """``series`` checked against :data:`KERNELS` (None or "" = the default); ValueError
+    naming the known ones otherwise."""
+    if not series:
+        return DEFAULT_KERNEL
+    if series not in KERNELS:
+        raise ValueError(f"unknown kernel {series!r}; known: {', '.join(KERNELS)}")
+    return series
+
+
+def select_profiles(arch: str | None = None, names: str | None = None) -> list[Profile]:
+    """The profiles a run selects: ``arch`` (x86_64, arm64, all; None = all) and ``names``
+    (a comma list of profile names; None or "" = every profile of ``arch``).
+
+    ValueError (one line) for an unknown arch or profile, or a selection that is empty.
+    """
+    arch = arch or "all"
+    if arch not in (*ARCHES, "all"):
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHES)}, all")
+    if names:
+        wanted = [n.strip() for n in names.split(",")]
+        if "" in wanted:
+            raise ValueError(f"empty profile name in {names!r}")
+        chosen = [get_profile(n) for n in dict.fromkeys(wanted)]
+    else:
+        chosen = list(PROFILES.values())
+    chosen = [p for p in chosen if arch == "all" or p.arch == arch]
+    if not chosen:
+        raise ValueError(f"profiles {names!r} include none of arch {arch}")
+    return chosen
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """Files of one run, all inside the private run directory."""
@@ -116,6 +155,11 @@ class RunPaths:
     @property
     def serial(self) -> Path:
         return self.rundir / "serial.log"
+
+    @property
+    def qmp_log(self) -> Path:
+        """Transcript of the QMP commands and replies (:class:`ptharness.qmp.Monitor`)."""
+        return self.rundir / "qmp.log"
 
     @property
     def stderr(self) -> Path:

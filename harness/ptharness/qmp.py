@@ -9,6 +9,7 @@ registers) and ``info mtree -f`` (which guest-physical ranges a RAM backend fill
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from qemu.qmp import QMPClient, QMPError
 
 T = TypeVar("T")
+TRANSCRIPT_CHARS = 600  # longest command or reply text kept in a transcript line
 
 
 class MonitorError(RuntimeError):
@@ -29,14 +31,32 @@ class Monitor:
     """A QMP connection with timeouts; ``cmd`` returns the command's ``return`` value.
 
     The asyncio client runs on a private event loop, driven only from the caller's thread for
-    the duration of each call (never left running in the background).
+    the duration of each call (never left running in the background). With ``transcript``, each
+    command and its reply or error is appended there as a line (kept for failure reports;
+    long texts cut to :data:`TRANSCRIPT_CHARS`).
     """
 
-    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: Path | str, *, timeout: float = 30.0,
+                 transcript: Path | None = None) -> None:
         self.path = str(path)
         self.timeout = timeout
+        self.transcript = transcript
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: QMPClient | None = None
+
+    def _log(self, direction: str, what: object) -> None:
+        """One transcript line: ``<monotonic s> -> command`` or ``<- reply`` (JSON), or
+        ``<- !error text``."""
+        if self.transcript is None:
+            return
+        text = json.dumps(what, default=str) if direction != "<-!" else str(what)
+        if len(text) > TRANSCRIPT_CHARS:
+            text = text[:TRANSCRIPT_CHARS] + f"... ({len(text)} chars)"
+        try:
+            with open(self.transcript, "a") as f:
+                f.write(f"{time.monotonic():.3f} {direction} {text}\n")
+        except OSError:
+            pass  # the run directory is gone: nothing left to report to
 
     def _run(self, aw: Awaitable[T], timeout: float) -> T:
         assert self._loop is not None
@@ -70,12 +90,17 @@ class Monitor:
         if self._client is None:
             raise MonitorError(f"QMP {name}: not connected")
         args = {k.replace("_", "-"): v for k, v in args.items()}
+        self._log("->", {"execute": name, "arguments": args} if args else {"execute": name})
         try:
-            return self._run(self._client.execute(name, args), self.timeout)
+            reply = self._run(self._client.execute(name, args), self.timeout)
         except TimeoutError:
+            self._log("<-!", f"no reply within {self.timeout} s")
             raise MonitorError(f"QMP {name}: no reply within {self.timeout} s") from None
         except (QMPError, OSError, EOFError) as e:
+            self._log("<-!", f"{e or type(e).__name__}")
             raise MonitorError(f"QMP {name}: {e or type(e).__name__}") from None
+        self._log("<-", reply)
+        return reply
 
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command and return its text output."""

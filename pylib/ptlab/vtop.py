@@ -62,6 +62,61 @@ def _covered(fmt: Format, vas: np.ndarray) -> np.ndarray:
     return ok
 
 
+SMALL = 16  # distinct values _unique finds by comparison before it sorts instead
+
+
+def _unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(values, return_index=True, return_inverse=True)`` (1-D), without the sort
+    when there are at most SMALL distinct values (attribute keys, tables of a batch): one
+    comparison pass per distinct value."""
+    n = len(values)
+    inverse = np.full(n, -1, dtype=np.intp)
+    uniq: list[int] = []
+    first: list[int] = []
+    pos = 0
+    while pos < n and len(uniq) < SMALL:
+        v = values[pos]
+        inverse[values == v] = len(uniq)
+        uniq.append(int(v))
+        first.append(pos)
+        rest = np.flatnonzero(inverse[pos:] < 0)
+        if not len(rest):
+            return (np.array(uniq, dtype=values.dtype), np.array(first, dtype=np.intp),
+                    inverse)
+        pos += int(rest[0])
+    u, f, inv = np.unique(values, return_index=True, return_inverse=True)
+    return u, f, inv.reshape(-1)
+
+
+def _groups(values: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(value, positions) for each distinct value of ``values``."""
+    if not len(values):
+        return []
+    if values.min() == values.max():  # one table: the top level
+        return [(int(values[0]), np.arange(len(values)))]
+    order = np.argsort(values, kind="stable")
+    s = values[order]
+    cut = np.flatnonzero(s[1:] != s[:-1]) + 1
+    starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(s)]])
+    return [(int(s[a]), order[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def _combo(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``columns`` as (first position of each distinct row, inverse)."""
+    code = np.zeros(len(columns[0]), dtype=np.int64)
+    radix = 1
+    for col in columns:
+        u, _, inv = _unique(col)
+        radix *= len(u)
+        if radix >= 1 << 62:  # too many combinations for one int64 code
+            _, first, inv2 = np.unique(np.stack(columns, axis=1), axis=0, return_index=True,
+                                       return_inverse=True)
+            return first, inv2.reshape(-1)
+        code = code * len(u) + inv
+    _, first, inv = _unique(code)
+    return first, inv
+
+
 def translate_many(fmt: Format, mem: PhysMemory, root: int, vas: np.ndarray) -> Batch:
     """Translate every VA of ``vas`` (a uint64 array) through the tables at ``root``."""
     vas = np.asarray(vas, dtype=U64)
@@ -104,11 +159,7 @@ def translate_many(fmt: Format, mem: PhysMemory, root: int, vas: np.ndarray) -> 
         idx = ((vas[active] & span_mask) >> U64(fmt.shift(level))) & U64(nent - 1)
         raws = np.zeros(len(active), dtype=U64)
         readable = np.ones(len(active), dtype=bool)
-        uniq, inverse = np.unique(tables, return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(uniq)))])
-        for k, tpa in enumerate(uniq):
-            sel = order[bounds[k] : bounds[k + 1]]
+        for tpa, sel in _groups(tables):
             try:
                 table = mem.read_table(int(tpa), nent)
             except MemoryError_ as exc:
@@ -134,22 +185,18 @@ def translate_many(fmt: Format, mem: PhysMemory, root: int, vas: np.ndarray) -> 
             pa[rows] = oas[leaf] + (vas[rows] & U64(size - 1))
             psize[rows] = U64(size)
             level_out[rows] = level
-            combo = np.stack([k[leaf] for _, k in path_keys] + [keys[leaf]], axis=1) \
-                if path_keys else keys[leaf][:, None]
-            uniq_c, inv_c = np.unique(combo, axis=0, return_inverse=True)
-            inv_c = inv_c.reshape(-1)
-            first = np.zeros(len(uniq_c), dtype=np.intp)
-            first[inv_c[::-1]] = np.arange(len(inv_c))[::-1]
-            for c, row in enumerate(uniq_c):
-                key = (level, *(int(x) for x in row))
+            first, inv_c = _combo([k[leaf] for _, k in path_keys] + [keys[leaf]])
+            ai_of = np.empty(len(first), dtype=np.int32)
+            for c, j in enumerate(leaf[first].tolist()):
+                key = (level, *(int(k[j]) for _, k in path_keys), int(keys[j]))
                 ai = attr_ids.get(key)
                 if ai is None:
-                    j = leaf[first[c]]
                     tpath = [attrs_of(lv, int(k[j]), int(k[j])) for lv, k in path_keys]
                     own = fmt.decode(int(raws[j]), level).attrs
                     ai = attr_ids[key] = len(attr_table)
                     attr_table.append(combine(tpath, own))
-                attr_idx[rows[inv_c == c]] = ai
+                ai_of[c] = ai
+            attr_idx[rows] = ai_of[inv_c]
             present = np.array([a.present for a in attr_table], dtype=bool)[attr_idx[rows]]
             fault[rows[~present]] = faults.id("not present")  # combine() keeps the leaf's
 
@@ -160,8 +207,10 @@ def translate_many(fmt: Format, mem: PhysMemory, root: int, vas: np.ndarray) -> 
         t = np.flatnonzero(tab)
         if not len(t):
             break
-        tpresent = np.array([attrs_of(level, int(keys[i]), int(raws[i])).present for i in t],
-                            dtype=bool)
+        ukeys, first_t, inv_t = _unique(keys[t])
+        tpresent = np.array([attrs_of(level, int(k), int(raws[t[j]])).present
+                             for k, j in zip(ukeys.tolist(), first_t.tolist(), strict=True)],
+                            dtype=bool)[inv_t]
         fault[active[t[~tpresent]]] = faults.id(f"not present at {name}")
         t = t[tpresent]
         nxt = oas[t]
@@ -171,9 +220,9 @@ def translate_many(fmt: Format, mem: PhysMemory, root: int, vas: np.ndarray) -> 
         fault[active[t[cyc]]] = faults.id(f"cycle at {name}")
         t, nxt = t[~cyc], nxt[~cyc]
         lower = fmt.entries(level - 1) * 8
-        uniq, inverse = np.unique(nxt, return_inverse=True)
-        inside = np.array([mem.contains(int(tpa), lower) for tpa in uniq],
-                          dtype=bool)[inverse.reshape(-1)]
+        uniq, _, inverse = _unique(nxt)
+        inside = np.array([mem.contains(int(tpa), lower) for tpa in uniq.tolist()],
+                          dtype=bool)[inverse]
         fault[active[t[~inside]]] = faults.id(f"table outside memory at "
                                               f"{fmt.level_name(level - 1)}")
         t, nxt = t[inside], nxt[inside]

@@ -174,3 +174,49 @@ def test_batch_rate_on_a_linear_map():
     want = scalar_answers(b.fmt, b.mem, b.root, vas[some])
     got = batch_answers(b.fmt, b.mem, b.root, vas[some])
     assert got == want
+
+
+@pytest.mark.parametrize("distinct", [1, 5, 16, 17, 300])
+def test_unique_without_sort_matches_numpy(distinct):
+    """vtop._unique finds up to SMALL values by comparison, then falls back to np.unique: both
+    give np.unique's values, first positions and inverse."""
+    from ptlab.vtop import SMALL, _combo, _unique
+
+    rng = np.random.default_rng(distinct)
+    values = rng.choice(rng.integers(0, 1 << 63, distinct, dtype=np.uint64), 5000)
+    u, first, inv = _unique(values)
+    eu, efirst, einv = np.unique(values, return_index=True, return_inverse=True)
+    if len(eu) <= SMALL:  # found in first-seen order: compare as sets with matching positions
+        assert sorted(u.tolist()) == eu.tolist()
+    else:
+        assert u.tolist() == eu.tolist() and first.tolist() == efirst.tolist()
+        assert inv.tolist() == einv.reshape(-1).tolist()
+    assert (u[inv] == values).all() and (values[first] == u).all()
+    assert all((values[first] == u).tolist())
+    cols = [values, values % np.uint64(7), rng.integers(0, 3, len(values)).astype(np.uint64)]
+    cfirst, cinv = _combo(cols)
+    rows = list(zip(*(c.tolist() for c in cols), strict=True))
+    for i in range(0, len(rows), 97):  # equal codes <=> equal rows, first is a representative
+        assert rows[int(cfirst[cinv[i]])] == rows[i]
+    assert len(cfirst) == len(set(rows))
+
+
+def test_batch_equals_one_by_one_with_many_tables_and_attributes():
+    """More distinct tables and attribute combinations than vtop's comparison path takes (SMALL):
+    the sorting path answers as the one-VA trace does."""
+    rng = random.Random(f"{SEED}:many")
+    fmt = by_name("x86_64-4level")
+    b = TableBuilder(fmt)
+    ops = arch_for(fmt)
+    base = ops.linear_map_base(fmt)
+    attrs = fmt.normalize(ops.page_kernel)
+    near = []
+    for i in range(64):  # 4K pages in 64 different pte tables, 8 attribute combinations
+        va = base + i * (2 << 20) + rng.randrange(512) * 4096
+        a = attrs.with_(writable=bool(i & 1), exec=bool(i & 2), global_=bool(i & 4))
+        b.map(va, 0x4000_0000 + i * 4096, 4096, fmt.normalize(a), level=0)
+        near.append(va)
+    vas = random_vas(fmt, rng, near, 3000) + near
+    assert batch_answers(fmt, b.mem, b.root, vas) == scalar_answers(fmt, b.mem, b.root, vas)
+    mapped = translate_many(fmt, b.mem, b.root, np.array(near, dtype=np.uint64))
+    assert mapped.mapped().all() and len({id(a) for a in mapped.attr_table}) >= 8

@@ -277,7 +277,13 @@ def test_diff_split_is_not_a_change_unless_page_size_compared():
     c, _ = walk_runs(fmt, small.mem, small.root)
     assert diff(a, c) == []
     (ch,) = diff(a, c, compare_page_size=True)
-    assert (ch.va, ch.size, ch.kind) == (base, M2, "changed")
+    assert (ch.va, ch.size, ch.kind) == (base, M2, "split")
+    assert (ch.old_page_size, ch.new_page_size) == (M2, 4096)
+    (ch,) = diff(c, a, compare_page_size=True)
+    assert (ch.va, ch.size, ch.kind) == (base, M2, "merged")
+    small.map(base + M2, M2, 4096, X86_ROX)  # a permission change stays a change
+    c, _ = walk_runs(fmt, small.mem, small.root)
+    assert [x.kind for x in diff(a, c, compare_page_size=True)] == ["split", "added"]
 
 
 @pytest.mark.parametrize("fmt", all_configs(), ids=lambda f: f.name)

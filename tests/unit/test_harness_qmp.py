@@ -92,7 +92,7 @@ def test_monitor_against_real_qemu(tmp_path):
         ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S",
          "-qmp", f"unix:{sock},server=on,wait=off"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    m = Monitor(sock, timeout=10)
+    m = Monitor(sock, timeout=10, transcript=tmp_path / "qmp.log")
     try:
         m.connect(time.monotonic() + 20, alive=lambda: proc.poll() is None)
         status = m.cmd("query-status")
@@ -122,3 +122,9 @@ def test_monitor_against_real_qemu(tmp_path):
         proc.stderr.close()
     with pytest.raises(MonitorError, match="not connected"):
         m.cmd("query-status")
+    # the transcript: every command sent, QEMU's replies as JSON, the errors
+    lines = [ln.split(" ", 1)[1] for ln in (tmp_path / "qmp.log").read_text().splitlines()]
+    assert lines[0] == '-> {"execute": "query-status"}'
+    assert lines[1].startswith('<- {"status": "prelaunch"')
+    assert any(ln.startswith("<-! ") and "no-such-command" in ln for ln in lines)
+    assert lines[-2] == '-> {"execute": "query-status"}' and lines[-1].startswith("<-! ")

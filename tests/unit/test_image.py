@@ -162,9 +162,12 @@ def test_prune_keeps_current_and_recent(tmp_path, monkeypatch):
     inputs = image_mod._Inputs(recipe, kernel, {}, "k" * 12)
     old = _time.time() - 2 * image_mod.STALE_AFTER_S
     dirs = {}
-    for name, mtime in [("cur", None), ("stale", old), ("recent", None), ("arm", old)]:
+    # "6.12": an image of the other kernel series, which a 6.1 build leaves alone
+    for name, mtime in [("cur", None), ("stale", old), ("recent", None), ("arm", old),
+                        ("6.12", old)]:
         d = inputs.outdir if name == "cur" else tmp_path / (
-            f"arm64-1-{name}" if name == "arm" else f"x86_64-1-{name}")
+            f"arm64-6.1.1-{name}" if name == "arm" else
+            "x86_64-6.12.9-1-k" if name == "6.12" else f"x86_64-6.1.1-{name}")
         d.mkdir(parents=True)
         (d / "image.json").write_text("{}")
         if mtime:
@@ -177,7 +180,11 @@ def test_prune_keeps_current_and_recent(tmp_path, monkeypatch):
         d.mkdir(parents=True)
     (debs / kernel.deb_name).write_bytes(b"")
     (debs / "linux-image-6.1.0-8-amd64_6.1.8-1_amd64.deb").write_bytes(b"")
+    other612 = tmp_path / "pkg/x86_64/linux-image-6.12.9+deb12-amd64_6.12.9-1"
+    other612.mkdir(parents=True)
+    deb612 = "linux-image-6.12.9+deb12-amd64_6.12.9-1_amd64.deb"
+    (debs / deb612).write_bytes(b"")
     image_mod._prune(inputs, tree)
-    assert {n for n, d in dirs.items() if d.exists()} == {"cur", "recent", "arm"}
-    assert tree.exists() and not other.exists()
-    assert [p.name for p in debs.iterdir()] == [kernel.deb_name]
+    assert {n for n, d in dirs.items() if d.exists()} == {"cur", "recent", "arm", "6.12"}
+    assert tree.exists() and not other.exists() and other612.exists()
+    assert sorted(p.name for p in debs.iterdir()) == sorted([kernel.deb_name, deb612])

@@ -82,3 +82,30 @@ def test_real_bzimage_has_pvh_vmlinux():
     entry = pvh_entry(vmlinux)
     assert entry is not None and 0x1000000 <= entry < 0x4000000    # physical, near 16 MiB
     assert struct.unpack_from("<H", vmlinux, 18)[0] == 62           # EM_X86_64
+
+
+def zstd_bzimage(payload_elf: bytes, *, setup_sects: int = 3) -> bytes:
+    """A bzImage whose setup header (boot protocol 2.08) locates a zstd payload that carries
+    its decompressed size in 4 trailing bytes, as Debian's 6.12 (CONFIG_KERNEL_ZSTD) does."""
+    import cramjam
+
+    setup = bytearray((setup_sects + 1) * 512)
+    setup[0x1F1] = setup_sects
+    setup[0x202:0x206] = b"HdrS"
+    payload = bytes(cramjam.zstd.compress(payload_elf)) + struct.pack("<I", len(payload_elf))
+    body = b"\x90" * 0x2CC + payload + b"\0" * 64  # decompressor code before, padding after
+    struct.pack_into("<II", setup, 0x248, 0x2CC, len(payload))
+    return bytes(setup) + body
+
+
+def test_zstd_bzimage_payload():
+    elf = fake_elf_with_note(b"Xen", 18, struct.pack("<I", 0x1000850))
+    assert vmlinux_from_bzimage(zstd_bzimage(elf)) == elf
+    with pytest.raises(ElfError, match="PVH"):
+        vmlinux_from_bzimage(zstd_bzimage(fake_elf_with_note(b"GNU", 3, b"x")))
+    with pytest.raises(ElfError, match="not an ELF64"):
+        vmlinux_from_bzimage(zstd_bzimage(b"\x7fELF\x01" + b"\0" * 100))
+    broken = bytearray(zstd_bzimage(elf))
+    broken[4 * 512 + 0x2CC + 8] ^= 0xFF  # inside the zstd frame
+    with pytest.raises(ElfError, match="zstd"):
+        vmlinux_from_bzimage(bytes(broken))

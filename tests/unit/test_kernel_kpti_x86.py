@@ -7,7 +7,13 @@ from ptlab.alloc import AccountingAllocator, NormalAllocator, PhysPool
 from ptlab.arch import x86_64
 from ptlab.engine import PageTable
 from ptlab.formats.catalog import by_name
-from ptlab.kernel.kpti_x86 import PtiLayout, pti_finalize, pti_init, pti_set_user_pgtbl
+from ptlab.kernel.kpti_x86 import (
+    PtiLayout,
+    as_populated,
+    pti_finalize,
+    pti_init,
+    pti_set_user_pgtbl,
+)
 from ptlab.memory.sparse import SparseMemory
 from ptlab.testing import raw_tables
 
@@ -90,6 +96,21 @@ def test_user_half_copied_and_kernel_copy_made_nx() -> None:
     assert raw(k, USER_VA, 3) == before | NX  # the kernel's copy: NX
     assert user.translate(USER_VA).pa == 0x60_0000
     assert k.translate(USER_VA).attrs.uexec is False
+
+
+def test_as_populated_undoes_only_the_kernel_copys_nx() -> None:
+    """From a real kernel PGD (NX already set by pti), as_populated + pti_set_user_pgtbl
+    give the state the kernel made: user copy without NX, kernel copy with it."""
+    k, lay, ualloc, _ = model(4)
+    populated = raw(k, USER_VA, 3)
+    user = pti_init(k, lay, ualloc)
+    pti_set_user_pgtbl(k, user)
+    kernel_after, user_after = raw(k, USER_VA, 3), raw(user, USER_VA, 3)
+    assert as_populated(k) == 1 and raw(k, USER_VA, 3) == populated
+    assert as_populated(k) == 0  # nothing left with NX
+    fresh = pti_init(k, lay, ualloc)
+    assert pti_set_user_pgtbl(k, fresh) == 1
+    assert (raw(k, USER_VA, 3), raw(fresh, USER_VA, 3)) == (kernel_after, user_after)
 
 
 def test_finalize_with_global_image_clones_text_and_rodata() -> None:

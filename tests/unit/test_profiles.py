@@ -1,11 +1,29 @@
-"""Guest profiles and the QEMU command line they produce."""
+"""Guest profiles and the QEMU command line they produce; selecting profiles and kernels
+(``make test-qemu ARCH= PROFILE= KERNEL=``) and the evidence a failing real-guest test leaves."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from ptharness.profiles import PROFILES, RunPaths, get_profile, kernel_cmdline, qemu_command
+from ptharness.profiles import (
+    DEFAULT_KERNEL,
+    KERNELS,
+    PROFILES,
+    RunPaths,
+    get_kernel,
+    get_profile,
+    kernel_cmdline,
+    qemu_command,
+    select_profiles,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def argv_for(name: str, **kw) -> list[str]:
@@ -72,3 +90,127 @@ def test_bad_arguments(kw):
 def test_cmdline_order():
     line = kernel_cmdline(get_profile("x86_64-pti"), "QUJD")
     assert line.split()[0] == "console=ttyS0" and line.split()[-1] == "ptlab.key=QUJD"
+
+
+def names(arch: str | None, wanted: str | None) -> list[str]:
+    return [p.name for p in select_profiles(arch, wanted)]
+
+
+def test_select_profiles():
+    assert names(None, None) == list(PROFILES) == names("all", "")
+    assert names("x86_64", None) == ["x86_64", "x86_64-la57", "x86_64-pti"]
+    assert names("arm64", "") == ["arm64", "arm64-kpti"]
+    assert names("all", "x86_64-pti") == ["x86_64-pti"]
+    assert names("all", "arm64-kpti, x86_64,arm64-kpti") == ["arm64-kpti", "x86_64"]
+    assert names("x86_64", "x86_64-pti,arm64") == ["x86_64-pti"]  # ARCH narrows PROFILE
+
+
+@pytest.mark.parametrize("arch, wanted, message", [
+    ("sparc", None, "unknown arch 'sparc'; known: x86_64, arm64, all"),
+    ("all", "x86_64,pti", "unknown guest profile 'pti'; known: x86_64, "),
+    ("all", "x86_64,", "empty profile name in 'x86_64,'"),
+    ("arm64", "x86_64-la57", "profiles 'x86_64-la57' include none of arch arm64"),
+])
+def test_select_profiles_bad_input(arch: str, wanted: str | None, message: str):
+    with pytest.raises(ValueError) as err:
+        select_profiles(arch, wanted)
+    assert str(err.value).startswith(message)
+
+
+def test_kernels():
+    assert DEFAULT_KERNEL == KERNELS[0] == "6.1"
+    assert get_kernel(None) == get_kernel("") == DEFAULT_KERNEL
+    assert [get_kernel(k) for k in KERNELS] == list(KERNELS)
+    with pytest.raises(ValueError, match=r"^unknown kernel '5.10'; known: 6\.1"):
+        get_kernel("5.10")
+
+
+def pytest_in(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """pytest in a subprocess (its own conftest, hooks and environment)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("PTLAB_", "PYTEST_"))}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+                          cwd=cwd, env={**full, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def collected(**env: str) -> set[str]:
+    proc = pytest_in(REPO, "-q", "--collect-only", "-m", "qemu", "tests/qemu", **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {ln for ln in proc.stdout.splitlines() if "::" in ln}
+
+
+def test_profile_shards_partition_the_qemu_tests():
+    """One job per profile (the CI matrix) runs every real-guest test, each once; tests
+    without a profile (kernel-less QEMU checks) run in the base profiles' jobs."""
+    every = collected()
+    shards = {p: collected(PTLAB_PROFILE=p, PTLAB_KERNEL=DEFAULT_KERNEL) for p in PROFILES}
+    assert set().union(*shards.values()) == every
+    profileless = shards["x86_64"] & shards["arm64"]
+    assert any("test_q35_split_above_4g" in t for t in profileless)
+    for a, b in itertools.combinations(PROFILES, 2):
+        assert shards[a] & shards[b] <= profileless, (a, b)
+    for p in PROFILES:  # a parametrized test lands in its profile's shard only
+        lifecycle = f"tests/qemu/test_guest_lifecycle.py::test_kernel_root_has_witnesses[{p}]"
+        assert {q for q in PROFILES if lifecycle in shards[q]} == {p}
+    assert not shards["x86_64-pti"] & profileless
+    assert collected(PTLAB_PROFILE="x86_64-pti,arm64-kpti") == \
+        shards["x86_64-pti"] | shards["arm64-kpti"]
+    assert collected(PTLAB_ARCH="arm64") == shards["arm64"] | shards["arm64-kpti"]
+    assert collected(PTLAB_ARCH="x86_64", PTLAB_PROFILE="x86_64,arm64") == shards["x86_64"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PTLAB_KERNEL": "6.99"}, "unknown kernel '6.99'"),
+    ({"PTLAB_PROFILE": "x86_64-pit"}, "unknown guest profile 'x86_64-pit'"),
+    ({"PTLAB_ARCH": "riscv64"}, "unknown arch 'riscv64'"),
+])
+def test_qemu_tests_bad_selection_is_a_usage_error(env: dict[str, str], message: str):
+    proc = pytest_in(REPO, "-q", "--collect-only", "-m", "qemu", "tests/qemu", **env)
+    assert proc.returncode == 4  # pytest's ExitCode.USAGE_ERROR
+    assert f"ERROR: {message}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+FAILING_TEST = """
+import pytest
+from ptharness.guest import Guest
+from ptharness.profiles import RunPaths
+
+import conftest
+
+
+@pytest.mark.profile("x86_64")
+def test_fails_with_a_guest(tmp_path):
+    g = Guest("x86_64")
+    g._paths = RunPaths(tmp_path)  # a guest as Guest.start leaves it, without booting
+    (tmp_path / "serial.log").write_text("[    0.000000] Linux version 6.1\\nconsole end\\n")
+    (tmp_path / "qmp.log").write_text('1.0 -> {"execute": "stop"}\\n1.1 <- {}\\n')
+    conftest._live.add(g)
+    assert 6 * 7 == 43, "the deliberate failure"
+
+
+@pytest.mark.profile("x86_64")
+def test_passes():
+    pass
+"""
+
+
+def test_failing_qemu_test_leaves_console_qmp_and_report(tmp_path: Path):
+    """The conftest's hooks on a failing test: its report and its guest's console and QMP
+    transcript land under PTLAB_ARTIFACTS/<test id>/; a passing test leaves nothing."""
+    shutil.copy(REPO / "tests" / "qemu" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_evidence.py").write_text(FAILING_TEST)
+    art = tmp_path / "artifacts"
+    proc = pytest_in(tmp_path, "-q", f"--junitxml={art}/junit.xml", "test_evidence.py",
+                     PTLAB_ARTIFACTS=str(art))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 failed, 1 passed" in proc.stdout
+    folder = art / "test_evidence.py_test_fails_with_a_guest" / "call"
+    assert str(folder) in proc.stdout  # the report says where the evidence went
+    report = (folder / "failure.txt").read_text()
+    assert "the deliberate failure" in report and "PTLAB_SEED=" in report
+    (guest_dir,) = [d for d in folder.iterdir() if d.is_dir()]
+    assert guest_dir.name.startswith("x86_64-")
+    assert (guest_dir / "serial.log").read_text().endswith("console end\n")
+    assert '"execute": "stop"' in (guest_dir / "qmp.log").read_text()
+    assert sorted(p.name for p in art.iterdir()) == ["junit.xml", folder.parent.name]
+    assert 'failures="1"' in (art / "junit.xml").read_text()

@@ -48,7 +48,11 @@ PAGE_KERNEL = Attrs(present=True, writable=True, user=False, exec=False, uexec=F
                     global_=False, accessed=True, dirty=True, cache=0, shareability=3, dbm=True)
 
 SZ_1M = 1 << 20
-FIXADDR_PAGES = 525  # FIX_HOLE, FDT (2M), earlycon, text poke, GHES, tramp: an estimate
+# Permanent fixmap slots of Debian's 6.1 arm64 kernel (arch/arm64/include/asm/fixmap.h):
+# FIX_HOLE 1 + FIX_FDT_SIZE (MAX_FDT_SIZE + SZ_2M = 4 MiB) 1024 + EARLYCON 1 + TEXT_POKE0 1
+# + APEI GHES IRQ/SEA 2 + SDEI normal/critical 2 + ENTRY_TRAMP_TEXT4..1 4 (UNMAP_KERNEL_AT_EL0,
+# RELOCATABLE) = 1035: the real trampoline alias sits at FIXADDR_TOP - 1034 pages.
+FIXADDR_PAGES = 1035
 
 
 def layout(va_bits: int = 48, page_shift: int = 12) -> dict[str, int]:
@@ -170,6 +174,8 @@ class Arm64Ops(ArchOps):
     qemu_cpustate_note = False
     root_symbol = "swapper_pg_dir"  # arch/arm64/kernel/vmlinux.lds.S
     page_kernel = PAGE_KERNEL
+    capstone = ("CS_ARCH_ARM64", "CS_MODE_ARM")
+    max_insn = 4
     ptdump_first_start = True
     ptdump_caps_lines = False
     ptdump_recheck_marker = True
@@ -296,5 +302,67 @@ class Arm64Ops(ArchOps):
                     f"{count.uxn_pages} non-UXN pages found")
         return "Checked W+X mappings: passed, no W+X pages found"
 
+    # --- check ---------------------------------------------------------------------------
+    def _layout(self, fmt: Format) -> dict[str, int]:
+        return layout(fmt.va_bits, fmt.page_shift)
+
+    def image_range(self, fmt: Format) -> tuple[int, int]:
+        lay = self._layout(fmt)  # KIMAGE_VADDR = MODULES_END; KASLR moves it within vmalloc
+        return lay["MODULES_END"], lay["VMALLOC_END"]
+
+    def _fixmap(self, fmt: Format) -> tuple[int, int]:
+        """The fixmap's top 8 MiB: the FDT slots (4 MiB in 6.1) and the entry trampoline's
+        FIX_ENTRY_TRAMP_TEXT* pages below them (asm/fixmap.h)."""
+        top = self._layout(fmt)["FIXADDR_TOP"]
+        return top - (8 << 20), top
+
+    def image_base(self, fmt: Format) -> int:
+        return self._layout(fmt)["MODULES_END"]  # KIMAGE_VADDR (asm/memory.h): _text
+
+    def exec_reason(self, fmt: Format, run: Any,
+                    text: tuple[int, int] | None) -> str | None:
+        """Module text: MODULES_VADDR..MODULES_END, or with KASLR anywhere module_alloc() may
+        place it, within 2 GiB of the kernel image (arch/arm64/kernel/kaslr.c
+        module_alloc_base, module.c module_alloc()); the entry trampoline's alias in the
+        fixmap (map_entry_trampoline(): TRAMP_VALIAS, read-only)."""
+        lay = self._layout(fmt)
+        end = run.va + run.size
+        if lay["MODULES_VADDR"] <= run.va and end <= lay["MODULES_END"]:
+            return "module text"
+        if (text is not None and text[1] - (2 << 30) <= run.va and end <= text[0] + (2 << 30)
+                and not run.attrs.writable):
+            return "module text (KASLR module region, within 2 GiB of the kernel)"
+        lo, hi = self._fixmap(fmt)
+        if lo <= run.va and end <= hi and not run.attrs.writable:
+            return "KPTI trampoline alias (fixmap TRAMP_VALIAS)"
+        if (lay["VMALLOC_START"] <= run.va and end <= lay["VMALLOC_END"]
+                and not run.attrs.writable and run.page_size == 1 << fmt.page_shift):
+            # probes/kprobes.c alloc_insn_page(): PAGE_KERNEL_ROX in vmalloc; the BPF JIT's
+            # vmalloc'd images are made read-only executable too (bpf_jit_comp.c)
+            return "generated code in vmalloc (kprobes instruction slots, BPF JIT)"
+        return None
+
+    def el0_exec_runs(self, runs: Sequence[Any]) -> list[Any]:
+        """note_prot_uxn(): kernel leaves without UXN, by their own bits."""
+        return [r for r in runs if (r.own if r.own is not None else r.attrs).uexec]
+
+    def user_root(self, fmt: Format, mem: Any, root: int) -> tuple[int, str] | None:
+        """tramp_pg_dir lies two pages below swapper_pg_dir (vmlinux.lds.S); KPTI's
+        map_entry_trampoline() populates it, else it stays zero."""
+        tramp = root - TRAMP_SWAPPER_OFFSET
+        n = fmt.entries(fmt.top_level)
+        if tramp < 0 or not mem.contains(tramp, n * 8):
+            return None
+        if not (fmt.kinds(mem.read_table(tramp, n), fmt.top_level) != 0).any():
+            return None
+        return tramp, "KPTI tramp_pg_dir (swapper_pg_dir - 0x2000)"
+
+    def user_root_reasons(self, fmt: Format, runs: Sequence[Any]) -> list[str | None]:
+        """map_entry_trampoline() (arch/arm64/mm/mmu.c): the trampoline text at TRAMP_VALIAS,
+        read-only executable, and its data page read-only, in the fixmap."""
+        lo, hi = self._fixmap(fmt)
+        return ["entry trampoline (TRAMP_VALIAS)"
+                if lo <= r.va and r.va + r.size <= hi and not r.attrs.writable
+                and not r.attrs.user else None for r in runs]
 
 OPS = Arm64Ops()

@@ -80,6 +80,8 @@ class ArchOps(ABC):
     qemu_cpustate_note: bool  # QEMU adds a "QEMU" note with the control registers
     root_symbol: str  # the kernel's root table: init_top_pgt / swapper_pg_dir
     page_kernel: Attrs  # PAGE_KERNEL: the kernel's RW data mapping
+    capstone: tuple[str, str]  # capstone's CS_ARCH_* and CS_MODE_* names for kernel code
+    max_insn: int  # longest instruction in bytes
 
     # --- formats and level names ---------------------------------------------------------
     def formats(self) -> list[Format]:
@@ -187,6 +189,39 @@ class ArchOps(ABC):
     @abstractmethod
     def wx_message(self, count: WxCount) -> str:
         """The kernel's "Checked W+X mappings" boot-log line for ``count``."""
+
+    # --- check (ptlab.check) -------------------------------------------------------------
+    @abstractmethod
+    def image_range(self, fmt: Format) -> tuple[int, int]:
+        """VA range the kernel image can be mapped in (its text is found there when
+        VMCOREINFO does not say where ``_stext`` is)."""
+
+    @abstractmethod
+    def image_base(self, fmt: Format) -> int:
+        """Where the kernel image's first byte (``_text``) is linked: its VA without KASLR."""
+
+    @abstractmethod
+    def exec_reason(self, fmt: Format, run: Any,
+                    text: tuple[int, int] | None) -> str | None:
+        """Why a kernel-executable ``run`` outside the kernel's text (``text``: its VA range
+        when known) may be executable (module text, a trampoline), or None: data that should
+        not be executable."""
+
+    def el0_exec_runs(self, runs: Sequence[Any]) -> list[Any]:
+        """Kernel runs user mode could execute although the architecture lets the kernel
+        forbid it separately (arm64 UXN); none where one bit rules both (x86 NX)."""
+        return []
+
+    @abstractmethod
+    def user_root(self, fmt: Format, mem: Any, root: int) -> tuple[int, str] | None:
+        """(PA, what) of the page-table-isolation user-side root belonging to kernel root
+        ``root`` (x86 PTI user PGD, arm64 KPTI tramp_pg_dir) when the memory holds a
+        populated one, else None."""
+
+    @abstractmethod
+    def user_root_reasons(self, fmt: Format, runs: Sequence[Any]) -> list[str | None]:
+        """Why the user-side root maps each of ``runs`` (its kernel half: entry code, the CPU
+        entry area...), or None: a mapping the entry code does not need (a leak)."""
 
     def __repr__(self) -> str:
         return f"<ArchOps {self.name}>"

@@ -6,7 +6,7 @@ from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..formats import x86 as _codec
@@ -47,6 +47,9 @@ CPU_ENTRY_AREA_BASE = (-4 << 39) % (1 << 64)  # CPU_ENTRY_AREA_PGD << P4D_SHIFT
 ESPFIX_BASE = (-2 << 39) % (1 << 64)  # ESPFIX_PGD_ENTRY << P4D_SHIFT
 MODULES_VADDR = START_KERNEL_MAP + KERNEL_IMAGE_SIZE  # MODULES_VADDR
 MODULES_END = 0xFFFF_FFFF_FF00_0000  # MODULES_END
+PHYSICAL_START = 0x100_0000  # CONFIG_PHYSICAL_START (Debian's, the default): __START_KERNEL
+VSYSCALL_ADDR = (-10 << 20) % (1 << 64)  # uapi/asm/vsyscall.h VSYSCALL_ADDR
+REALMODE_LIMIT = 1 << 20  # the real-mode trampoline lives below 1 MiB (realmode/init.c)
 # arch/x86/include/asm/efi.h
 EFI_VA_END = (-68 << 30) % (1 << 64)  # EFI_VA_END
 # arch/x86/include/asm/fixmap.h: round_up(VSYSCALL_ADDR + PAGE_SIZE, PMD_SIZE) - PAGE_SIZE
@@ -147,6 +150,8 @@ class X86_64Ops(ArchOps):
     qemu_cpustate_note = True  # QEMUCPUState with CR0..CR4 (qemu target/i386/arch_dump.c)
     root_symbol = "init_top_pgt"  # arch/x86/kernel/head_64.S
     page_kernel = PAGE_KERNEL
+    capstone = ("CS_ARCH_X86", "CS_MODE_64")
+    max_insn = 15
     ptdump_first_start = False
     ptdump_caps_lines = True
     ptdump_recheck_marker = False
@@ -259,5 +264,77 @@ class X86_64Ops(ArchOps):
             return f"x86/mm: Checked W+X mappings: FAILED, {count.wx_pages} W+X pages found."
         return "x86/mm: Checked W+X mappings: passed, no W+X pages found."
 
+    # --- check ---------------------------------------------------------------------------
+    def image_range(self, fmt: Format) -> tuple[int, int]:
+        return START_KERNEL_MAP, MODULES_VADDR
+
+    def image_base(self, fmt: Format) -> int:
+        return START_KERNEL_MAP + PHYSICAL_START  # __START_KERNEL: _text without KASLR
+
+    def exec_reason(self, fmt: Format, run: Any,
+                    text: tuple[int, int] | None) -> str | None:
+        a = run.attrs
+        if MODULES_VADDR <= run.va and run.va + run.size <= MODULES_END:
+            return "module text"
+        if run.pa + run.size <= REALMODE_LIMIT and not a.writable:
+            # arch/x86/realmode/init.c set_real_mode_permissions(): set_memory_x() on the
+            # trampoline's text in the direct map, below 1 MiB
+            return "real-mode trampoline text"
+        if run.va == VSYSCALL_ADDR and run.size == 4096 and a.user and not a.writable:
+            return "vsyscall page (vsyscall=emulate)"
+        return None
+
+    def user_root(self, fmt: Format, mem: Any, root: int) -> tuple[int, str] | None:
+        """PTI's user PGD is the second page of the 8 KiB PGD (kernel_to_user_pgdp()); it
+        shares the CPU entry area's top-level entry (pti_clone_user_shared()). Without PTI
+        the page after init_top_pgt is the kernel's own next-level table (head_64.S), which
+        the root points to."""
+        user = root + PTI_USER_PGTABLE_MASK
+        n = fmt.entries(fmt.top_level)
+        if not mem.contains(user, n * 8):
+            return None
+        kernel, upage = mem.read_table(root, n), mem.read_table(user, n)
+        oas = fmt.oas(kernel, fmt.top_level)
+        if ((oas == user) & (fmt.kinds(kernel, fmt.top_level) != 0)).any():
+            return None
+        slot = (CPU_ENTRY_AREA_BASE >> fmt.shift(fmt.top_level)) & (n - 1)
+        if not (int(kernel[slot]) & 1 and int(upage[slot]) & 1):
+            return None
+        return user, "PTI user PGD (kernel PGD + 0x1000)"
+
+    def user_root_reasons(self, fmt: Format, runs: Sequence[Any]) -> list[str | None]:
+        """What pti_init() maps into the user PGD (arch/x86/mm/pti.c): the CPU entry area
+        and each CPU's TSS page at its per-CPU address, whose sp2 slot SYSCALL64 spills a
+        register to (pti_clone_user_shared; the CPU entry area maps the same page), ESPfix
+        (pti_setup_espfix64), the LDT remap, the entry text and, without PCID, the kernel
+        text read-only (pti_clone_entry_text, pti_clone_kernel_text), and the vsyscall page
+        (pti_setup_vsyscall)."""
+        top = fmt.entry_size(fmt.top_level)
+        ldt = LDT_BASE[fmt.levels]
+
+        def inside(r: Any, base: int) -> bool:
+            return base <= r.va and r.va + r.size <= base + top
+
+        cea_pages = {pa for r in runs if inside(r, CPU_ENTRY_AREA_BASE)
+                     for pa in range(r.pa, r.pa + min(r.size, 1 << 24), 4096)}
+        out: list[str | None] = []
+        for r in runs:
+            a = r.attrs
+            if inside(r, CPU_ENTRY_AREA_BASE) and not a.exec:
+                out.append("CPU entry area")
+            elif r.size == 4096 and not a.exec and r.pa in cea_pages:
+                out.append("per-CPU TSS page (SYSCALL64 scratch), also in the CPU entry area")
+            elif inside(r, ESPFIX_BASE) and not a.exec and not a.writable:
+                out.append("ESPfix")
+            elif inside(r, ldt) and not a.exec:
+                out.append("LDT remap")
+            elif (START_KERNEL_MAP <= r.va and r.va + r.size <= MODULES_VADDR and a.exec
+                  and not a.writable):
+                out.append("entry text")
+            elif r.va == VSYSCALL_ADDR and r.size == 4096 and not a.writable:
+                out.append("vsyscall page")
+            else:
+                out.append(None)
+        return out
 
 OPS = X86_64Ops()

@@ -2,7 +2,7 @@
 a semantic diff of two walks."""
 
 from .audit import WXReport, check_wx, is_wx, wx_runs
-from .diff import Change, diff
+from .diff import Change, diff, shifted
 from .markers import Marker, arm64_markers, default_markers, x86_markers
 from .parse import PtdumpParseError, detect_arch, parse
 from .render import (
@@ -22,5 +22,5 @@ __all__ = [
     "Change", "DumpRun", "Header", "Marker", "PtdumpParseError", "Skipped", "WXReport",
     "arm64_markers", "check_wx", "default_markers", "detect_arch", "diff", "dump",
     "format_items", "format_line", "format_runs", "is_wx", "kernel_ranges", "note_runs",
-    "parse", "render", "wx_runs", "x86_markers",
+    "parse", "render", "shifted", "wx_runs", "x86_markers",
 ]

@@ -49,13 +49,16 @@ class WXReport:
         return not self.wx_pages and not self.uxn_pages
 
 
-def check_wx(fmt: Format, mem, root: int, page_size: int | None = None) -> WXReport:
+def check_wx(fmt: Format, mem, root: int, page_size: int | None = None,
+             **walker_kw: int) -> WXReport:
     """ptdump_check_wx() / ptdump_walk_pgd_level_checkwx() over ``root``: the kernel's
     "Checked W+X mappings" verdict. Counted as the kernel counts: over the ranges its walk
     covers (x86 skips the hypervisor hole) and from the entries' bits whether or not they are
     present (the kernel reads a non-present entry's RW/NX too); x86 judges effective
-    permissions, arm64 the leaves' own bits (``ArchOps.wx_count``)."""
-    walker = Walker(fmt, mem, root, include_nonpresent=True, own_attrs=True)
+    permissions, arm64 the leaves' own bits (``ArchOps.wx_count``). ``walker_kw``: the
+    walk's budget (``max_work``, ``max_tables``)."""
+    walker = Walker(fmt, mem, root, include_nonpresent=True, own_attrs=True,
+                    **walker_kw)  # type: ignore[arg-type]
     ops = arch_for(fmt)
     runs, complete = [], True
     for s, e in ops.ptdump_ranges(fmt):

@@ -26,12 +26,14 @@ without ``own_attrs`` render their effective attributes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..arch import ArchOps, Marker, arch_for
-from ..formats.base import Entry, Format, FormatError, Kind
+from ..formats.base import Attrs, Entry, Format, FormatError, Kind
 from ..walk import Run, Walker
+from ..walk.runs import RunTable
 from .markers import default_markers
 
 __all__ = [
@@ -127,26 +129,54 @@ class _Codec:
         self.ops = arch_for(fmt)
         self.names = self.ops.ptdump_names(fmt)
         self._cache: dict[tuple, tuple[object, tuple[str, ...]]] = {}
+        self._by_id: dict[tuple[int, int, int], tuple[Attrs, Attrs, tuple]] = {}
 
     def depth(self, level: int, hole: bool) -> int:
         return self.ops.ptdump_depth(self.fmt, level, hole)
 
-    def prot(self, run: Run, depth: int) -> tuple[object, tuple[str, ...]]:
+    def prot(self, kind: Kind, attrs: Attrs, own: Attrs | None, level: int,
+             depth: int) -> tuple[object, tuple[str, ...]]:
         """(comparison key, printed words) of a leaf run (see ArchOps.ptdump_prot)."""
-        if run.kind is not Kind.LEAF:
+        if kind is not Kind.LEAF:
             return 0, ()
-        own = run.own if run.own is not None else run.attrs
-        ck = (run.attrs, own, run.level)
+        own = own if own is not None else attrs
+        idk = (id(attrs), id(own), level)
+        byid = self._by_id.get(idk)
+        if byid is not None:  # the walk shares Attrs objects among its runs
+            return byid[2]
+        ck = (attrs, own, level)
         hit = self._cache.get(ck)
         if hit is None:
             try:
-                raw = self.fmt.encode(Entry(Kind.LEAF, 0, own), run.level)
-                eff_raw = self.fmt.encode(Entry(Kind.LEAF, 0, run.attrs), run.level)
+                raw = self.fmt.encode(Entry(Kind.LEAF, 0, own), level)
+                eff_raw = self.fmt.encode(Entry(Kind.LEAF, 0, attrs), level)
+                hit = self.ops.ptdump_prot(raw, eff_raw, depth)
             except FormatError:  # attributes the codec cannot write back: print blank
-                hit = self._cache[ck] = (("unencodable", run.attrs, own), ())
-                return hit
-            hit = self._cache[ck] = self.ops.ptdump_prot(raw, eff_raw, depth)
+                hit = (("unencodable", attrs, own), ())
+            self._cache[ck] = hit
+        self._by_id[idk] = (attrs, own, hit)  # holding the objects keeps their ids unique
         return hit
+
+
+def _spans(runs: Iterable[Run]) -> Iterator[tuple[int, int, int, int, Kind, Attrs,
+                                                  Attrs | None]]:
+    """(va, end, page_size, level, kind, attrs, own) of ``runs``, VA-adjacent runs that
+    differ only in PA merged (ptdump ignores physical contiguity): far fewer to replay."""
+    rows = runs.rows() if isinstance(runs, RunTable) else (
+        (r.va, r.size, r.pa, r.page_size, r.level, r.attrs, r.count, r.kind, r.own)
+        for r in runs)
+    cur = None
+    for va, size, _pa, psize, level, attrs, _count, kind, own in rows:
+        if (cur is not None and va == cur[1] and psize == cur[2] and level == cur[3]
+                and kind is cur[4] and (attrs is cur[5] or attrs == cur[5])
+                and (own is cur[6] or own == cur[6])):
+            cur[1] = va + size
+            continue
+        if cur is not None:
+            yield tuple(cur)  # type: ignore[misc]
+        cur = [va, va + size, psize, level, kind, attrs, own]
+    if cur is not None:
+        yield tuple(cur)  # type: ignore[misc]
 
 
 class _State:
@@ -164,9 +194,13 @@ class _State:
         self.idx = 0
         self.lines = 0
         self.out: list[Item] = []
+        self.next_start = 0
+
+        self.next_start = self._next_start()  # where the next marker begins
 
     def _advance(self) -> None:
         self.idx = min(self.idx + 1, len(self.m) - 1)
+        self.next_start = self._next_start()
         name = self.m[self.idx].name
         if name is not None:
             self.out.append(Header(name))
@@ -180,9 +214,9 @@ class _State:
             if self.first_start:
                 self.start = addr
             self.out.append(Header(self.m[self.idx].name or ""))
-        elif prot != self.prot or depth != self.level or addr >= self._next_start():
+        elif prot != self.prot or depth != self.level or addr >= self.next_start:
             mk = self.m[self.idx]
-            crossed = addr >= self._next_start()
+            crossed = addr >= self.next_start
             if not self.caps_lines or not mk.max_lines or self.lines < mk.max_lines:
                 self.out.append(DumpRun(self.start, addr, self.words, self.names[self.level],
                                         mk.name or ""))
@@ -193,7 +227,7 @@ class _State:
                 self.lines = 0
                 self._advance()
             self.start, self.prot, self.words, self.level = addr, prot, words, depth
-        if self.recheck and addr >= self._next_start():
+        if self.recheck and addr >= self.next_start:
             self._advance()
 
 
@@ -208,14 +242,17 @@ def note_runs(runs: Iterable[Run], fmt: Format,
     top_size = fmt.entry_size(fmt.top_level)
     ri = 0
     cursor = ranges[0][0] if ranges else 0
+    depths: dict[tuple[int, bool], int] = {}
 
     def event_run(va: int, end: int, depth: int, prot: object, words: tuple[str, ...],
                   esize: int) -> None:
         # note_page() at va, then at each entry boundary where the next marker can trigger
         addr = va
         st.note(addr, depth, prot, words)
+        if st.next_start >= end or addr + esize >= end:  # no entry boundary left to note
+            return
         while True:
-            m = st._next_start()
+            m = st.next_start
             nxt = max(m, addr + esize)
             nxt = addr + -(-(nxt - addr) // esize) * esize
             if nxt >= end:
@@ -223,20 +260,39 @@ def note_runs(runs: Iterable[Run], fmt: Format,
             addr = nxt
             st.note(addr, depth, prot, words)
 
-    for run in runs:
+    # (level, kind, id(attrs), id(own)) -> (attrs, own, depth, prot, words); the objects are
+    # held so that their ids stay theirs
+    looks: dict[tuple[int, Kind, int, int], tuple[Any, ...]] = {}
+    rs_cur, re_cur = ranges[0] if ranges else (0, 0)
+    for va, end, psize, level, kind, attrs, own in _spans(runs):
+        lk = (level, kind, id(attrs), id(own))
+        look = looks.get(lk)
+        if look is None:
+            dk = (level, kind is not Kind.LEAF)
+            depth = depths.get(dk)
+            if depth is None:
+                depth = depths[dk] = codec.depth(*dk)
+            look = looks[lk] = (attrs, own, depth, *codec.prot(kind, attrs, own, level, depth))
+        _, _, depth, prot, words = look
+        if (va == cursor and rs_cur <= va and end <= re_cur and st.level is not None
+                and (st.next_start >= end or va + psize >= end) and va < st.next_start):
+            # the common case: inside the current range, after the previous span, no marker
+            # boundary to note inside it: one note_page() call
+            if prot != st.prot or depth != st.level:
+                st.note(va, depth, prot, words)
+            cursor = end
+            continue
         for k in range(ri, len(ranges)):
             rs, re_ = ranges[k]
-            s, e = max(run.va, rs), min(run.end, re_)
+            s, e = max(va, rs), min(end, re_)
             if s >= e:
                 continue
             if k != ri:
                 ri, cursor = k, rs
+                rs_cur, re_cur = rs, re_
             if s > cursor:  # a gap in the runs: a hole at pgd level
                 event_run(cursor, s, 0, 0, (), top_size)
-            hole = run.kind is not Kind.LEAF
-            depth = codec.depth(run.level, hole)
-            prot, words = codec.prot(run, depth)
-            event_run(s, e, depth, prot, words, run.page_size)
+            event_run(s, e, depth, prot, words, psize)
             cursor = e
     if st.level is not None:  # the final flush: note_page(st, 0, -1, 0)
         if ri == len(ranges) - 1 and cursor < ranges[-1][1]:
@@ -256,4 +312,4 @@ def dump(fmt: Format, mem, root: int, markers: list[Marker] | None = None,
     kernel_page_tables (arm64) would print it."""
     walker = Walker(fmt, mem, root, include_holes=True, include_nonpresent=True,
                     own_attrs=True, **walker_kw)  # type: ignore[arg-type]
-    return render(walker.runs(), fmt, markers)
+    return render(walker.run_table(), fmt, markers)

@@ -21,8 +21,9 @@ use CPA_NO_CHECK_ALIAS), the cache-mode flush (clflush).
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..engine import PageTable
@@ -129,4 +130,76 @@ def _cpa_pass(pt: PageTable, start: int, end: int, mask_set: Mask, mask_clr: Mas
 
     pt.apply(start, end - start, decide)
     res.holes += (end - start - covered) // PAGE_SIZE
+    return to_split
+
+
+
+FUSE_GAP = 8 * PAGE_SIZE  # pages further apart get their own apply
+
+
+def change_pages(pt: PageTable, vas: list[int], prot: Callable[[Attrs], Attrs], *,
+                 split: bool = True) -> CpaResult:
+    """A one-page change of each direct-map page of ``vas`` (``prot``: old attrs -> new),
+    fused: pages of one 2M window less than FUSE_GAP apart change in one engine ``apply``
+    over their hull (an apply costs about as much as visiting ~10 leaves). A
+    large leaf holding one of them is split first when ``split`` (x86: as the first
+    per-page CPA call would; then the window is passed again), else it is an error (arm64
+    ``apply_to_page_range``). Same tables and :class:`CpaResult` as the per-page loop; far
+    fewer engine operations when pages cluster."""
+    res = CpaResult()
+    prot = functools.cache(prot)  # a direct map has few distinct attrs
+    window = pt.fmt.entry_size(1)
+    groups: list[list[int]] = []
+    for va in sorted(set(vas)):
+        if va % PAGE_SIZE:
+            raise CpaError(f"CPA needs page-aligned VAs, got {va:#x}")
+        last = groups[-1][-1] if groups else None
+        if last is not None and last // window == va // window and va - last <= FUSE_GAP:
+            groups[-1].append(va)
+        else:
+            groups.append([va])
+    for members in groups:
+        while True:
+            to_split = _sparse_pass(pt, members, prot, res, split)
+            if not to_split:
+                break
+            for lva, level in to_split:
+                pt.split(lva, level)
+                res.splits[level] += 1
+    res.changed.sort()
+    return res
+
+
+def _sparse_pass(pt: PageTable, members: list[int], prot: Callable[[Attrs], Attrs],
+                 res: CpaResult, split: bool) -> list[tuple[int, int]]:
+    """One ``apply`` over the hull of ``members`` (one 2M window: one large leaf, or ptes
+    of one table, or holes) changing their ptes; returns the large leaves to split."""
+    want = set(members)
+    to_split: list[tuple[int, int]] = []
+    seen = 0
+
+    def decide(lva: int, level: int, ent: Entry) -> Entry | None:
+        nonlocal seen
+        if level and not split:
+            raise CpaError(f"apply_to_page_range: block mapping at {lva:#x} (level {level})")
+        if level:
+            n = sum(1 for v in members if lva <= v < lva + pt.fmt.entry_size(level))
+            seen += n
+            if prot(ent.attrs) == ent.attrs:
+                res.preserved += n  # each page's call: cpa_inc_lp_sameprot
+            else:
+                to_split.append((lva, level))
+            return None
+        if lva not in want:
+            return None
+        seen += 1
+        a = prot(ent.attrs)
+        if a == ent.attrs:
+            return None
+        res.changed.append((lva, PAGE_SIZE))
+        return Entry(Kind.LEAF, ent.oa, a)
+
+    pt.apply(members[0], members[-1] + PAGE_SIZE - members[0], decide)
+    if not to_split and split:  # x86 __cpa_process_fault skips a direct-map hole
+        res.holes += len(members) - seen
     return to_split

@@ -119,6 +119,13 @@ def init_memory_mapping(pt: PageTable, page_offset: int, start: int, end: int,
         kernel_physical_mapping_init(pt, page_offset, mr, prot)
 
 
+def x86_default_kernel_prot(page_kernel: Attrs, pti: bool) -> Attrs:
+    """PAGE_KERNEL masked by ``__default_kernel_pte_mask``: ``probe_page_size_mask`` clears
+    ``_PAGE_GLOBAL`` in it when PTI is on (arch/x86/mm/init.c), so the direct map is built
+    non-global then."""
+    return page_kernel.with_(global_=page_kernel.global_ and not pti)
+
+
 def init_mem_mapping(pt: PageTable, page_offset: int, memory: Ranges, prot: Attrs, *,
                      gbpages: bool = True, real_end: int | None = None) -> None:
     """The boot direct map of ``memory`` (memblock.memory). ``real_end``: end of the
@@ -150,12 +157,23 @@ def init_mem_mapping(pt: PageTable, page_offset: int, memory: Ranges, prot: Attr
         init_range(real_end, end)
 
 
+ARM64_MT_NORMAL_TAGGED = 1  # arch/arm64/include/asm/memory.h (6.1) AttrIndx
+
+
+def arm64_linear_prot(page_kernel: Attrs, kpti: bool) -> Attrs:
+    """``pgprot_tagged(PAGE_KERNEL)``, what ``map_mem`` maps RAM with (AttrIndx
+    MT_NORMAL_TAGGED, a plain Normal MAIR slot without MTE); PTE_NG only with kpti
+    (``PTE_MAYBE_NG``: ``arm64_use_ng_mappings``). The image alias gets it untagged."""
+    return page_kernel.with_(cache=ARM64_MT_NORMAL_TAGGED, global_=not kpti)
+
+
 def arm64_map_mem(pt: PageTable, page_offset: int, phys_offset: int, memory: Ranges,
                   prot: Attrs, text: tuple[int, int], *,
-                  can_set_direct_map: bool = True) -> None:
+                  can_set_direct_map: bool = True, text_prot: Attrs | None = None) -> None:
     """``map_mem`` + ``mark_linear_text_alias_ro``: ``text`` is [__pa_symbol(_stext),
     __pa_symbol(__init_begin)), NOMAP while the memory is mapped, then mapped without
-    contiguous hints (blocks allowed) and made read-only. Every table entry created gets
+    contiguous hints (blocks allowed) with ``text_prot`` (6.1: plain PAGE_KERNEL, RAM gets
+    ``pgprot_tagged``; default ``prot``) and made read-only. Every table entry created gets
     PXNTable (``NO_EXEC_MAPPINGS``)."""
     sizes = pt.page_sizes()
     nocont = [s for s in sorted(sizes) if not sizes[s][1]]
@@ -167,5 +185,5 @@ def arm64_map_mem(pt: PageTable, page_offset: int, phys_offset: int, memory: Ran
         for lo, hi in ((s, min(e, text[0])), (max(s, text[1]), e)):
             if lo < hi:
                 lm.map(va(lo), lo, hi - lo, prot, page_sizes=blocks)
-    lm.map(va(text[0]), text[0], text[1] - text[0], prot, page_sizes=nocont)
+    lm.map(va(text[0]), text[0], text[1] - text[0], text_prot or prot, page_sizes=nocont)
     lm.protect(va(text[0]), text[1] - text[0], set={"writable": False}, clear={"dbm"})

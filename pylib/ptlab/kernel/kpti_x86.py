@@ -131,3 +131,18 @@ def pti_set_user_pgtbl(kernel: PageTable, user: PageTable) -> int:
             kernel.set_table_attrs(va, top, a.with_(exec=False, uexec=False))
         count += 1
     return count
+
+
+def as_populated(kernel: PageTable) -> int:
+    """Undo ``__pti_set_user_pgtbl``'s NX on the kernel copy of each present USER top-level
+    entry of the user half: the value ``p4d/pgd_populate`` wrote (``_PAGE_TABLE``, no NX).
+    A harness starting from a real process's kernel PGD calls this, then
+    :func:`pti_set_user_pgtbl`. Returns the entries changed."""
+    fmt, top = kernel.fmt, kernel.fmt.levels - 1
+    count = 0
+    for va in range(0, fmt.va_span // 2, fmt.entry_size(top)):
+        e = kernel.translate(va).steps[0].entry
+        if e.kind is Kind.TABLE and e.attrs.user and e.attrs.present and not e.attrs.exec:
+            kernel.set_table_attrs(va, top, e.attrs.with_(exec=True, uexec=True))
+            count += 1
+    return count

@@ -8,7 +8,8 @@
   needs none); on x86 the split stays (6.1 CPA does not re-merge).
 * :func:`remove_batched` — the guest_memfd NO_DIRECT_MAP idea (``folio_zap_direct_map``)
   applied to N scattered pages at once: every removal in one :meth:`Gather.batch`, so
-  exactly one ``flush_tlb_kernel_range`` covers them all.
+  exactly one ``flush_tlb_kernel_range`` covers them all; the per-page changes are fused
+  per 2M window (:func:`.cpa.change_pages`), with the per-page path's tables and result.
 
 :func:`remove_per_page` / :func:`remove_batched` / :func:`restore` take direct-map VAs
 (``page_address()``: the harness adds the guest's PAGE_OFFSET) and report what the
@@ -23,7 +24,11 @@ from dataclasses import dataclass, field
 
 from ..engine import PageTable
 from .cpa import PAGE_SIZE, CpaResult
-from .set_direct_map import set_direct_map_default_noflush, set_direct_map_invalid_noflush
+from .set_direct_map import (
+    set_direct_map_default_noflush,
+    set_direct_map_invalid_noflush,
+    set_direct_map_noflush_pages,
+)
 
 
 @dataclass
@@ -64,10 +69,10 @@ def _run(pt: PageTable, vas: Iterable[int], one: object, batched: bool,
     vas = list(vas)
     f0, res = pt.gather.flushes, CpaResult()
     t0 = time.perf_counter()
-    if batched:
+    if batched:  # the per-page removals, fused per 2M window; one flush for all
         with pt.gather.batch():
+            res += set_direct_map_noflush_pages(pt, "invalid", vas, **kw)  # type: ignore[arg-type]
             for va in vas:
-                res += set_direct_map_invalid_noflush(pt, va, **kw)
                 pt.gather.add_range(va, va + PAGE_SIZE)
     else:
         for va in vas:

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 
 from ..engine import PageTable
 from ..formats.base import Entry, Kind
-from .cpa import PAGE_SIZE, CpaError, CpaResult, Mask, change_page_attr_set_clr
+from .cpa import (
+    PAGE_SIZE,
+    CpaError,
+    CpaResult,
+    Mask,
+    change_page_attr_set_clr,
+    change_pages,
+    new_prot,
+)
 
 # set/clear masks as Attrs fields, per arch and call: (mask_set, mask_clr)
 _X86: dict[str, tuple[Mask, Mask]] = {
@@ -130,3 +138,33 @@ def set_memory(pt: PageTable, what: str, va: int, numpages: int, **kw: object) -
         raise CpaError(f"no set_memory_{what}; known: ro, rw, nx, x, np, p, global, nonglobal")
     with pt.gather.batch():
         return _change(pt, what, va, numpages, **kw)  # type: ignore[arg-type]
+
+
+def _x86_pages(pt: PageTable, what: str, vas: list[int], cfg: Arm64Config) -> CpaResult:
+    mask_set, mask_clr = _X86[what]
+    return change_pages(pt, vas, lambda a: new_prot(pt, a, mask_set, mask_clr))
+
+
+def _arm64_pages(pt: PageTable, what: str, vas: list[int], cfg: Arm64Config) -> CpaResult:
+    if not cfg.can_set_direct_map():
+        return CpaResult()
+    mask_set, mask_clr = _ARM64[what]
+    return change_pages(pt, vas, lambda a: pt.fmt.normalize(
+        a.with_(**{**dict(mask_clr), **dict(mask_set)}), Kind.LEAF), split=False)
+
+
+_PAGES_BY_ARCH = {"x86_64": _x86_pages, "arm64": _arm64_pages}
+
+
+def set_direct_map_noflush_pages(pt: PageTable, what: str, vas: list[int],
+                                 arm64: Arm64Config | None = None) -> CpaResult:
+    """``set_direct_map_{what}_noflush(page)`` (``what``: invalid or default) for each
+    direct-map page of ``vas``, fused per 2M window (:func:`.cpa.change_pages`): the same
+    tables and result as the per-page calls, no flush."""
+    impl = _PAGES_BY_ARCH.get(pt.fmt.arch)
+    if impl is None:
+        raise CpaError(f"no set_direct_map model for architecture {pt.fmt.arch!r}")
+    if what not in ("invalid", "default"):
+        raise CpaError(f"no set_direct_map_{what}_noflush; known: invalid, default")
+    with pt.gather.noflush_mode():
+        return impl(pt, what, list(vas), arm64 or Arm64Config())

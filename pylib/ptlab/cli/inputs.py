@@ -1,0 +1,110 @@
+"""Opening the input: ``--dump``/``--elf``/``--raw`` (with ``--region``) and
+``--vmcoreinfo``, as a :class:`Source`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from ..memory import ElfCore, PhysMemory, RawImage, VmcoreInfo
+from ..memory.kdump import KdumpCompressed, is_kdump
+from ..memory.raw import FileChanged, ImageError, open_regular, pread_exact
+from ..memory.vmcoreinfo import MAX_NOTE, find_vmcoreinfo
+from .errors import CliError
+from .numbers import parse_region
+from .text import size_text
+
+SCAN_LIMIT = 8 << 30  # bytes `--vmcoreinfo scan` reads at most (from the lowest PA up)
+
+
+@dataclass
+class Source:
+    """The opened input and what it says about itself."""
+
+    mem: PhysMemory
+    kind: str  # "elf" | "kdump" | "raw"
+    path: str
+    core: ElfCore | KdumpCompressed | None = None  # a dump that describes its machine
+    vmcoreinfo: VmcoreInfo | None = None  # --vmcoreinfo, else the core's note
+    notes: list[str] = field(default_factory=list)  # how format/root were chosen
+
+    @property
+    def machine(self) -> str | None:
+        if self.core is not None:
+            return self.core.machine
+        return self.vmcoreinfo.arch if self.vmcoreinfo is not None else None
+
+
+def open_input(args: argparse.Namespace) -> Source:
+    for opt in ("dump", "elf", "raw", "format", "vmcoreinfo"):
+        if getattr(args, opt, None) == "":
+            raise CliError(f"--{opt} is empty")
+    given = [opt for opt in ("dump", "elf", "raw") if getattr(args, opt) is not None]
+    if len(given) > 1:
+        raise CliError("give only one of --dump, --elf, --raw, not both "
+                       + " and ".join(f"--{g}" for g in given))
+    if not given:
+        raise CliError("no input: give --dump FILE (or --elf CORE, --raw FILE)")
+    path = getattr(args, given[0])
+    kind = dump_kind(path) if given[0] == "dump" else given[0]
+    if args.region and kind != "raw":
+        raise CliError(f"--region applies to raw images, not to {path} ({kind})")
+    if kind == "elf":
+        core: ElfCore | KdumpCompressed = ElfCore(path)
+    elif kind == "kdump":
+        core = KdumpCompressed(path)
+    else:
+        regions = [parse_region(r) for r in args.region] if args.region else None
+        return _with_vmcoreinfo(Source(RawImage(path, regions), "raw", path), args)
+    return _with_vmcoreinfo(Source(core, kind, path, core, core.vmcoreinfo), args)
+
+
+def dump_kind(path: str) -> str:
+    """"elf", "kdump" or "raw": what the file holds, by its first bytes."""
+    fd, size = open_regular(path)
+    try:
+        head = pread_exact(fd, min(size, 16), 0, path)
+    finally:
+        os.close(fd)
+    if not head:
+        raise CliError(f"{path} is empty")
+    if head.startswith(b"\x7fELF"):
+        return "elf"
+    return "kdump" if is_kdump(head) else "raw"
+
+
+def _with_vmcoreinfo(src: Source, args: argparse.Namespace) -> Source:
+    try:
+        if args.vmcoreinfo is not None:
+            src.vmcoreinfo = load_vmcoreinfo(args.vmcoreinfo, src)
+    except BaseException:
+        src.mem.close()
+        raise
+    return src
+
+
+def load_vmcoreinfo(spec: str, src: Source) -> VmcoreInfo:
+    """``--vmcoreinfo``: a text file, or ``scan`` to find the kernel's note in memory."""
+    if spec == "scan":
+        limit = min(SCAN_LIMIT, getattr(src.mem, "scan_limit", SCAN_LIMIT))
+        found = find_vmcoreinfo(src.mem, limit=limit)
+        if found is None:
+            raise CliError(f"no VMCOREINFO note found in the memory of {src.path} (the scan "
+                           f"reads at most its first {size_text(limit)}); pass "
+                           "--vmcoreinfo FILE")
+        src.notes.append(f"VMCOREINFO note found in memory at PA {found[0]:#x}")
+        return found[1]
+    try:
+        fd, size = open_regular(spec, "VMCOREINFO file")
+    except ImageError as e:
+        raise CliError(str(e).replace("cannot open", "cannot read", 1)) from None
+    try:
+        vmci = VmcoreInfo(pread_exact(fd, min(size, MAX_NOTE), 0, spec))
+    except FileChanged as e:
+        raise CliError(f"cannot read VMCOREINFO file {spec}: {e}") from None
+    finally:
+        os.close(fd)
+    if not len(vmci):
+        raise CliError(f"{spec} holds no KEY=VALUE lines")
+    return vmci

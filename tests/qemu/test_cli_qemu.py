@@ -1,0 +1,222 @@
+"""The CLI's commands over a real dump: one x86-64 PTI guest run with ``-device vmcoreinfo``,
+stopped once and dumped with QEMU's ``dump-guest-memory`` (ELF with the kernel's VMCOREINFO).
+
+* ``translate --json --file``: sampled kernel VAs (mapped and not) against drgn 0.3.0's
+  ``follow_phys`` on the same dump (an independent reader and walker).
+* ``disasm`` of ``_stext`` (kallsyms): the instructions' bytes are those QEMU's ``xp`` reads at
+  ``__pa_symbol(_stext)``.
+* ``check``: nothing on the clean guest (whose own DEBUG_WX line says passed); the kernel text
+  starts at kallsyms' ``_stext``; the PTI user PGD found is the kernel PGD + 4 KiB. In a copy of
+  the dump with three planted changes it reports exactly them: a direct-map leaf with NX
+  cleared (``wx``), another with US set along its path (``user-kernel``), and the user PGD's
+  top entry for the kernel image replaced by the kernel's (``user-root`` findings covering
+  kallsyms' ``linux_banner``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from typing import Any
+
+import pytest
+from ptharness.agent_reply import kallsyms
+from ptharness.guest import Guest
+from ptlab.arch.x86_64 import START_KERNEL_MAP
+from ptlab.cli import main as ptlab_main
+from ptlab.memory import ElfCore
+from ptlab.walk import Walker, translate
+
+pytestmark = [pytest.mark.qemu, pytest.mark.profile("x86_64-pti")]
+
+PROFILE = "x86_64-pti"
+SAMPLE = 20_000
+NX, US = 1 << 63, 1 << 2
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = ptlab_main(list(argv), out=out, err=err)
+    assert not err.getvalue(), err.getvalue()
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The guest's ELF dump, its kallsyms and dmesg, the kernel root and the format."""
+    tmp = tmp_path_factory.mktemp("cli-qemu")
+    path = tmp / "vmcore.elf"
+    with Guest(PROFILE, devices=("vmcoreinfo",)) as g:
+        syms = kallsyms(g.info)
+        code, dmesg, _ = g.ssh("dmesg")
+        assert code == 0
+        root, fmt = g.kernel_root(), g.kernel_format()
+        g.stop()
+        g.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
+        # QEMU's own read of _stext's bytes, at the PA __pa_symbol() gives (no page tables)
+        pa = syms["_stext"] - START_KERNEL_MAP + g.vmcoreinfo().number("phys_base")
+        text = bytes(int(b, 16) for line in g.hmp(f"xp /48xb {pa:#x}").splitlines()
+                     for b in line.split(":", 1)[1].split())
+    yield {"path": path, "syms": syms, "dmesg": dmesg, "root": root, "fmt": fmt, "tmp": tmp,
+           "stext_bytes": text}
+    path.unlink(missing_ok=True)
+
+
+def test_translate_agrees_with_drgn(dumped: Any, seeded_rng: random.Random) -> None:
+    import _drgn
+    import drgn
+
+    path, fmt, root = dumped["path"], dumped["fmt"], dumped["root"]
+    core = ElfCore(path)
+    try:
+        assert core.vmcoreinfo is not None, "no VMCOREINFO note: -device vmcoreinfo missing?"
+        runs = list(Walker(fmt, core, root).runs(1 << 63, 1 << 64))
+        pgd = core.vmcoreinfo.symbol("init_top_pgt")
+    finally:
+        core.close()
+    lo, hi = fmt.va_ranges()[-1]
+    vas = [(r.va + seeded_rng.randrange(r.size)) & ~7 for r in seeded_rng.choices(runs, k=SAMPLE)]
+    vas += [seeded_rng.randrange(lo, hi) & ~7 for _ in range(SAMPLE // 10)]
+    vafile = dumped["tmp"] / "vas.txt"
+    vafile.write_text("".join(f"{va:#x}\n" for va in vas))
+    code, out = cli("--dump", str(path), "translate", "--json", "--file", str(vafile))
+    ours = [json.loads(line) for line in out.splitlines()]
+    assert len(ours) == len(vas) and code == 1  # some random VAs are unmapped
+    prog = drgn.Program()
+    prog.set_core_dump(str(path))
+    mapped = 0
+    for va, o in zip(vas, ours, strict=True):
+        assert o["va"] == hex(va)
+        try:
+            theirs = _drgn._linux_helper_follow_phys(prog, pgd, va)
+        except drgn.FaultError:
+            theirs = None
+        assert (int(o["pa"], 16) if o["pa"] is not None else None) == theirs, (hex(va), o)
+        mapped += theirs is not None
+    assert mapped >= SAMPLE  # every VA sampled from a run is mapped for drgn too
+
+
+def test_check_clean_guest(dumped: Any) -> None:
+    assert "x86/mm: Checked W+X mappings: passed" in dumped["dmesg"]
+    code, out = cli("--dump", str(dumped["path"]), "check")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 1, out
+    stext = dumped["syms"]["_stext"]
+    root = dumped["root"]
+    assert lines[0].startswith(f"# 0 finding(s); root {root:#x}, text {stext:#x}-"), lines
+    assert lines[0].endswith(f"PTI user PGD (kernel PGD + 0x1000) at {root + 0x1000:#x}")
+
+
+def _file_offset(core: ElfCore, pa: int) -> int:
+    for ld in core.loads:
+        if ld.paddr <= pa and pa + 8 <= ld.paddr + ld.filesz:
+            return ld.offset + pa - ld.paddr
+    raise AssertionError(f"PA {pa:#x} is not in the dump")
+
+
+def test_check_finds_planted_changes(dumped: Any, seeded_rng: random.Random) -> None:
+    fmt, root, syms = dumped["fmt"], dumped["root"], dumped["syms"]
+    planted = dumped["tmp"] / "planted.elf"
+    shutil.copyfile(dumped["path"], planted)
+    planted.chmod(0o600)
+    core = ElfCore(planted)
+    try:
+        direct = [r for r in Walker(fmt, core, root).runs(1 << 63, 1 << 64)
+                  if r.page_size == 4096 and r.attrs.writable and not r.attrs.exec
+                  and not r.attrs.user and r.va >> 39 == 0xFFFF888000000000 >> 39]
+        wx_run, us_run = seeded_rng.sample(direct, 2)
+        wx_va = wx_run.va + seeded_rng.randrange(wx_run.size // 4096) * 4096
+        us_va = us_run.va + seeded_rng.randrange(us_run.size // 4096) * 4096
+        edits = []  # (file offset, value to OR in, value to AND with)
+        t = translate(fmt, core, root, wx_va)
+        edits.append((_file_offset(core, t.steps[-1].entry_pa), 0, ~NX))
+        t = translate(fmt, core, root, us_va)
+        edits += [(_file_offset(core, s.entry_pa), US, -1) for s in t.steps]
+        slot = fmt.index(syms["linux_banner"] & (fmt.va_span - 1), fmt.top_level) * 8
+        kernel_entry = int.from_bytes(core.read(root + slot, 8), "little")
+        user_slot = _file_offset(core, root + 0x1000 + slot)
+        print(f"planted: W+X at {wx_va:#x}, US at {us_va:#x}, user PGD slot {slot // 8}")
+    finally:
+        core.close()
+    with open(planted, "r+b") as f:
+        for off, set_, keep in edits:
+            f.seek(off)
+            raw = int.from_bytes(f.read(8), "little")
+            f.seek(off)
+            f.write(((raw | set_) & keep & ((1 << 64) - 1)).to_bytes(8, "little"))
+        f.seek(user_slot)
+        f.write(kernel_entry.to_bytes(8, "little"))
+    code, out = cli("--dump", str(planted), "check", "--json")
+    found = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    wx = [(f["va"], f["end"]) for f in found if f["rule"] == "wx"]
+    assert wx == [(hex(wx_va), hex(wx_va + 4096))], found
+    us = [(f["va"], f["end"]) for f in found if f["rule"] == "user-kernel"]
+    assert us == [(hex(us_va), hex(us_va + 4096))], found
+    leaks = [f for f in found if f["rule"] == "user-root"]
+    assert all(f["root"] == hex(root + 0x1000) for f in leaks)
+    banner = syms["linux_banner"]
+    assert any(int(f["va"], 16) <= banner < int(f["end"], 16) for f in leaks), leaks
+    assert {f["rule"] for f in found} == {"wx", "user-kernel", "user-root"}, found
+    planted.unlink()
+
+
+def test_diff_kernel_pgd_vs_pti_user_pgd(dumped: Any) -> None:
+    """The user PGD is cloned from the kernel's tables (pti_clone_*): against the kernel PGD
+    it adds nothing, and kallsyms' linux_banner is in a range it does not map."""
+    root = dumped["root"]
+    code, out = cli("--dump", str(dumped["path"]), "diff", "--root-b", hex(root + 0x1000),
+                    "--json", "--compare-pa")
+    changes = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and changes
+    assert not [c for c in changes if c["kind"] == "added"], changes[:5]
+    banner = dumped["syms"]["linux_banner"]
+    hit = [c for c in changes if int(c["va"], 16) <= banner < int(c["end"], 16)]
+    assert [c["kind"] for c in hit] == ["removed"], hit
+    assert hit[0]["region"] == "High Kernel Mapping"
+
+
+def test_search_finds_linux_banner(dumped: Any) -> None:
+    """``search --string`` of the banner's start finds kallsyms' linux_banner (and its direct
+    map alias at the same PA)."""
+    code, out = cli("--dump", str(dumped["path"]), "search", "--string", "Linux version ",
+                    "--json")
+    hits = {int(h["va"], 16): int(h["pa"], 16) for h in map(json.loads, out.splitlines())}
+    banner = dumped["syms"]["linux_banner"]
+    assert code == 0 and banner in hits, sorted(hex(v) for v in hits)
+    assert [va for va, pa in hits.items() if pa == hits[banner] and va >> 63 and va != banner]
+
+
+def test_disasm_stext_matches_qemu(dumped: Any) -> None:
+    stext = dumped["syms"]["_stext"]
+    code, out = cli("--dump", str(dumped["path"]), "disasm", hex(stext), "8", "--json")
+    insns = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(insns) == 8 and insns[0]["va"] == hex(stext)
+    assert insns[0]["attrs"].startswith("ro kern x")
+    got = bytes.fromhex("".join(i["bytes"] for i in insns))
+    assert len(got) >= 16 and got == dumped["stext_bytes"][:len(got)], (got.hex(), insns)
+
+
+def test_kaslr_base_is_kallsyms_text(dumped: Any) -> None:
+    code, out = cli("--dump", str(dumped["path"]), "kaslr", "--json")
+    obj = json.loads(out)
+    assert code == 0 and obj["agree"] and obj["text"] == hex(dumped["syms"]["_text"]), obj
+
+
+def test_map_svg_of_real_dump(dumped: Any) -> None:
+    import xml.etree.ElementTree as ET
+
+    from ptlab.svgmap import COLOURS
+
+    svg = dumped["tmp"] / "map.svg"
+    code, _ = cli("--dump", str(dumped["path"]), "map", "--svg", str(svg))
+    root = ET.parse(svg).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = {t.text for t in root.iter(f"{ns}text")}
+    assert code == 0
+    assert {"Low Kernel Mapping", "High Kernel Mapping", "Modules", "CPU entry Area"} <= texts
+    fills = {r.get("fill") for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None}
+    assert COLOURS["rx"] in fills and COLOURS["W+X"] not in fills  # the kernel passed DEBUG_WX
+    svg.unlink()

@@ -1,0 +1,171 @@
+"""The kernel's page-table users: the model's prediction == the real kernel's tables.
+
+One class per guest profile (its guest boots once, for the class). Each scenario goes through
+:mod:`ptharness.kernel_scenarios`: the real tables before (snapshot), the real kernel acts
+(agent), the real tables after; the model acts on the "before" tables (copy-on-write overlay
+rooted at the real root); model-after == real-after page for page (PA, page size, effective
+attributes) and entry for entry (raw, x86 non-present entries with their inverted PFN).
+
+* secretmem N (1, 16, 512 pages; the kernel picks the PFNs): ``secretmem_fault`` per page
+  (N flushes) and the guest_memfd-style batch (one flush) both give the real tables; the
+  real change is visible (before != after at every secret page); x86's own split counter
+  (/proc/meminfo DirectMap4k/2M/1G) moves as the model's splits say; the real kernel added
+  as many table pages as the model allocated; QEMU (gva2gpa) sees the secret pages unmapped.
+  ``release``: ``secretmem_free_folio`` per page (splits stay, no flush, no table freed).
+* x86 pti: the user PGD built by ``pti_init`` + ``pti_finalize`` from the real kernel PGD ==
+  the real user PGD, over the whole VA space.
+* arm64 kpti: ``tramp_pg_dir`` built by ``map_entry_trampoline`` == the real one.
+* direct map at boot, built from the guest's System RAM: equal except the listed later
+  set_memory_* changes of aliases (README, findings).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+from ptharness import kernel_compare as kc
+from ptharness import kernel_scenarios as ks
+from ptharness import oracle
+from ptlab.walk import translate
+
+pytestmark = pytest.mark.qemu
+
+PAGE = 4096
+SECRET_SIZES = (1, 16, 512)
+
+
+def report(name: str, value: float, unit: str) -> None:
+    print(f"{name}: {value:.4g} {unit}", file=sys.stderr)
+
+
+@pytest.fixture(scope="class")
+def target(request: pytest.FixtureRequest,
+           rng_factory: Callable[[str], random.Random]) -> Iterator[ks.Target]:
+    """The class's profile booted once; closed when the class is done."""
+    from ptharness.guest import Guest
+
+    profile = str(request.cls.profile)
+    g = Guest(profile)
+    g.start()
+    try:
+        yield ks.Target.of(g, rng_factory(f"test_kernel_scenarios:{profile}"))
+    finally:
+        g.close()
+
+
+def assert_equal(out: ks.Outcome, profile: str) -> None:
+    cmp = out.comparison
+    print(f"differ[{cmp.scenario}/{profile}]: {cmp.differ} pages of {cmp.pages}")
+    assert cmp.pages > 0, f"{cmp.scenario}: nothing compared"
+    assert cmp.equal, cmp.summary()
+
+
+class SecretmemChecks:
+    profile: str
+
+    @pytest.mark.parametrize("n", SECRET_SIZES)
+    def test_secretmem_predicted(self, target: ks.Target, n: int):
+        sm = ks.secretmem(target, n)
+        try:
+            assert_equal(sm.per_page, self.profile)
+            assert_equal(sm.batched, self.profile)
+            assert sm.per_page.flushes == n and sm.batched.flushes == 1
+            assert sm.per_page.splits == sm.batched.splits
+            # table pages: the model allocated one per split, the real kernel as many
+            assert sm.per_page.extra["real_tables"] == (sm.per_page.tables, 0)
+            assert sm.per_page.tables == sum(sm.per_page.splits.values())
+            assert sm.batched.model_seconds > 0
+            report(f"model_s[batched_unmap {n}/{self.profile}]", sm.batched.model_seconds, "s")
+            # the comparison can see the change: the tables before differ at every secret page
+            fmt, root = target.fmt, target.root
+            unchanged = kc.compare_runs("before", kc.walk_runs(fmt, sm.before, root,
+                                                               *target.span), sm.after_runs)
+            hit = {va for d in unchanged.differences for va in sm.vas if d.va <= va < d.end}
+            assert hit == set(sm.vas), f"{len(sm.vas) - len(hit)} secret pages did not change"
+            # QEMU's own walk: the secret pages are unmapped, their mapped neighbours are not
+            near = [va - PAGE for va in sm.vas if va - PAGE not in sm.vas][:64]
+            near = [va for va in near if translate(fmt, sm.after, root, va).mapped]
+            gpas = oracle.gva2gpa_many(target.g.hmp, sm.vas + near).gpas
+            assert gpas == [None] * n + [target.pa(va) for va in near]
+            mem0, mem1 = sm.per_page.extra["meminfo"]
+            if target.fmt.arch == "x86_64":  # the kernel's split counter (direct_pages_count)
+                assert mem0 and mem1, "no DirectMap lines in /proc/meminfo"
+                real = {s: mem1[s] - mem0[s] for s in mem0 if mem1[s] != mem0[s]}
+                assert real == ks.meminfo_delta(sm.per_page.splits, target.fmt)
+        finally:
+            rel = ks.secretmem_release(target, sm)
+        assert_equal(rel, self.profile)
+        assert rel.flushes == 0  # a not-present entry is never cached: no flush
+        assert rel.tables == 0 and rel.extra["real_tables"] == (0, 0)  # splits stay (6.1)
+        gpas = oracle.gva2gpa_many(target.g.hmp, sm.vas).gpas
+        assert gpas == [target.pa(va) for va in sm.vas]
+
+
+class DirectMapChecks:
+    def test_direct_map_at_boot_predicted(self, target: ks.Target):
+        """Every page of the boot direct map agrees, except what a later set_memory_* on an
+        alias changed (same PA, only RW/NX/global, maybe split): each such run is listed.
+        x86: mark_rodata_ro / set_memory_ro|x of module and BPF memory reach the direct-map
+        alias through cpa_process_alias (arch/x86/mm/pat/set_memory.c); arm64 rodata_full:
+        change_memory_common applies RO to the linear alias of each vmalloc page
+        (arch/arm64/mm/pageattr.c). The boot layout (page sizes, holes, PAs) must be exact."""
+        out = ks.direct_map_boot(target)
+        cmp = out.comparison
+        later, unexplained = out.extra["later_cpa"], out.extra["unexplained"]
+        print(f"differ[direct_map/{self.profile}]: {cmp.differ} pages of {cmp.pages} "
+              f"({sum(d.pages for d in later)} later set_memory changes)")
+        for d in later:
+            print(f"  later set_memory change: {d}")
+        assert cmp.pages >= (target.span[1] - target.span[0]) // PAGE * 9 // 10
+        assert not unexplained, "\n".join(str(d) for d in unexplained[:20])
+        assert cmp.differ < cmp.pages // 20  # the boot policy itself decides >= 95%
+        if target.fmt.arch == "x86_64":  # the kernel's word for the image's alias: its
+            # text and rodata (/proc/iomem) are what mark_rodata_ro made read-only
+            image = ks.iomem_resources(target, ("Kernel code", "Kernel rodata"))
+            assert len(image) == 2, image
+            for name, (s, e) in image.items():
+                lo, hi = target.dm.va(s), target.dm.va(-(-e // PAGE) * PAGE)
+                ro = sum(min(d.end, hi) - max(d.va, lo) for d in later
+                         if d.va < hi and lo < d.end and not d.real[2].writable)
+                assert ro == hi - lo, f"{name}: direct-map alias not all read-only"
+
+
+class PtiChecks:
+    def test_kpti_user_pgd_predicted(self, target: ks.Target):
+        user, kernel = ks.kpti_x86(target)
+        assert_equal(user, self.profile)
+        assert_equal(kernel, self.profile)
+        lay = user.extra["layout"]
+        assert lay.cpu_tss, "no possible CPU"
+        assert user.extra["user_entries"] == 0  # init_mm maps no user half
+
+    def test_kpti_process_user_pgd_predicted(self, target: ks.Target):
+        """A user process's PGD pair: the user half copied without NX, NX on the kernel's
+        copy (pti_set_user_pgtbl), the kernel half as init's."""
+        user, kernel = ks.kpti_x86(target, process=True)
+        assert_equal(user, self.profile)
+        assert_equal(kernel, self.profile)
+        assert user.extra["user_entries"] >= 1
+        assert user.extra["populated"] == user.extra["user_entries"]  # every one had NX
+
+
+class KptiChecks:
+    def test_kpti_trampoline_predicted(self, target: ks.Target):
+        out = ks.kpti_arm64(target)
+        assert_equal(out, self.profile)
+        assert 1 <= out.comparison.pages <= 3  # entry_tramp_text_size() <= 3 pages
+
+
+CLASSES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "TestX86_64": ("x86_64", (SecretmemChecks, DirectMapChecks)),
+    "TestX86_64La57": ("x86_64-la57", (SecretmemChecks, DirectMapChecks)),
+    "TestX86_64Pti": ("x86_64-pti", (SecretmemChecks, PtiChecks, DirectMapChecks)),
+    "TestArm64": ("arm64", (SecretmemChecks, DirectMapChecks)),
+    "TestArm64Kpti": ("arm64-kpti", (SecretmemChecks, KptiChecks, DirectMapChecks)),
+}
+for _name, (_profile, _bases) in CLASSES.items():
+    globals()[_name] = pytest.mark.profile(_profile)(
+        type(_name, _bases, {"profile": _profile}))
