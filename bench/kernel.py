@@ -10,12 +10,17 @@ does the work; tests/qemu/test_kernel_scenarios.py asserts the same results):
   pages the kernel picks, the faults and the release, summed), ``batched_unmap`` (the same
   pages removed in one batch, against the real tables after the faults), ``kpti`` (x86 user
   PGD and kernel PGD; arm64 tramp_pg_dir), ``direct_map`` (boot direct map from the memory
-  map; its M are later set_memory_* changes of aliases, see the README's findings).
+  map; its M are later set_memory_* changes of aliases, see the README's findings), and on
+  profile x86_64 ``asi`` (M: pages the model's nonsensitive root maps that the real kernel root
+  does not, or not the same way) and ``asi_cpu`` (M: probed pages where QEMU's MMU, with
+  the nonsensitive root in CR3, disagrees with the model).
 * ``flushes[batched_unmap/PROFILE]``: the flushes of the 512-page batch [== 1] (the
   per-page path: ``flushes[secretmem_512/PROFILE]`` [== 512]).
 * ``model_ms[batched_unmap_512/PROFILE]``: model time of that batch [<= 10].
 * ``scenario_s[secretmem_512/PROFILE]``: stop, walk, model, compare and the agent's work
   for the 512-page scenario and its release.
+* ``differ[hotplug/PROFILE]`` and the hotplug figures of bench/hotplug.py (a second guest per
+  profile, booted with hotplug slots).
 
 Diagnostics go to stderr.
 """
@@ -28,9 +33,11 @@ import sys
 import time
 
 import benchlib  # bench/benchlib.py: the script's own folder is on sys.path
+import hotplug  # bench/hotplug.py: the hotplug scenario's figures
 
 ALL_PROFILES = ("x86_64", "x86_64-la57", "x86_64-pti", "arm64", "arm64-kpti")
 SIZES = (1, 16, 512)
+ASI_PROFILES = ("x86_64",)  # where asi / asi_cpu are verified (tests/qemu); the CR3 load is x86's
 
 
 def figure(name: str, value: float, unit: str) -> None:
@@ -73,6 +80,13 @@ def bench_profile(profile: str) -> None:
         figure(f"scenario_s[secretmem_512/{profile}]", secs, "s")
         if g.profile.kpti:
             differ("kpti", profile, ks.kpti(t))
+        if profile in ASI_PROFILES:
+            from ptharness import asi_scenarios
+
+            a = asi_scenarios.asi(t)
+            differ("asi", profile, [a])
+            figure(f"tables[asi/{profile}]", a.extra["asi_tables"], "pages")
+            differ("asi_cpu", profile, [asi_scenarios.asi_cpu(t)])
         dm = ks.direct_map_boot(t)
         differ("direct_map", profile, [dm])
         print(f"# direct_map/{profile}: {sum(d.pages for d in dm.extra['later_cpa'])} pages "
@@ -91,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown profile(s) {unknown}; known: {', '.join(ALL_PROFILES)}")
     for p in profiles:
         bench_profile(p)
+        hotplug.bench_profile(p)
     return 0
 
 

@@ -3,7 +3,7 @@
  * one JSON object on one line; exit status 0 on success, 1 on an error reply
  * ({"error": "...", "errno": N}). See PROTOCOL.md.
  *
- * Commands that hold state across SSH sessions (secretmem, mmap, mprotect, canary,
+ * Commands that hold state across SSH sessions (secretmem, mmap, mprotect, canary, pin,
  * release, list, ping) are forwarded to `ptagent serve`, a daemon started by /init that
  * keeps the mappings alive; it listens on a unix socket (/run/ptagent.sock). The other
  * commands run in the calling process.
@@ -240,8 +240,8 @@ static const char *prot_str(int prot, char buf[4])
 
 /* ---------------------------------------------------------------- held objects (daemon) */
 
-enum kind { K_SECRETMEM, K_MMAP, K_CANARY };
-static const char *kind_names[] = {"secretmem", "mmap", "canary"};
+enum kind { K_SECRETMEM, K_MMAP, K_CANARY, K_PIN };
+static const char *kind_names[] = {"secretmem", "mmap", "canary", "pin"};
 
 struct object {
     int id;                       /* 0 = free slot */
@@ -396,6 +396,38 @@ static int cmd_mprotect(struct out *o, int argc, char **argv)
     if (mprotect(ob->va, (size_t)ob->pages * (size_t)page_size(), prot))
         return fail(o, errno, "mprotect: %s", strerror(errno));
     ob->prot = prot;
+    return object_reply(o, ob);
+}
+
+/* N anonymous pages, populated and mlocked: guest RAM the host may write (e.g. page
+ * tables for the vCPU) while the daemon holds them. */
+static int cmd_pin(struct out *o, int argc, char **argv)
+{
+    long pages;
+    if (argc != 2)
+        return fail(o, EINVAL, "usage: pin N");
+    if (get_pages(o, argv[1], &pages))
+        return -1;
+    size_t size = (size_t)pages * (size_t)page_size();
+    void *va = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (va == MAP_FAILED)
+        return fail(o, errno, "mmap: %s", strerror(errno));
+    touch_pages(va, pages);
+    if (mlock(va, size)) {
+        int e = errno;
+        munmap(va, size);
+        return fail(o, e, "mlock: %s", strerror(e));
+    }
+    struct object *ob = new_object();
+    if (!ob) {
+        munmap(va, size);
+        return fail(o, ENOSPC, "too many held objects (%d)", MAX_OBJECTS);
+    }
+    ob->kind = K_PIN;
+    ob->va = va;
+    ob->pages = pages;
+    ob->prot = PROT_READ | PROT_WRITE;
     return object_reply(o, ob);
 }
 
@@ -792,7 +824,8 @@ static const struct command commands[] = {
     {"secretmem", 1, cmd_secretmem}, {"mmap", 1, cmd_mmap},
     {"mprotect", 1, cmd_mprotect},   {"canary", 1, cmd_canary},
     {"release", 1, cmd_release},     {"list", 1, cmd_list},
-    {"ping", 1, cmd_ping},           {NULL, 0, NULL},
+    {"ping", 1, cmd_ping},           {"pin", 1, cmd_pin},
+    {NULL, 0, NULL},
 };
 
 static const struct command *lookup(const char *name)

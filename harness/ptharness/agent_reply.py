@@ -119,7 +119,7 @@ def _ram_range(v: Any, where: str) -> None:
 
 
 _PROT = _one_of(*(f"{r}{w}{x}" for r in "r-" for w in "w-" for x in "x-"))
-_KIND = _one_of("secretmem", "mmap", "canary")
+_KIND = _one_of("secretmem", "mmap", "canary", "pin")
 
 
 def _held(kind: Check, pfns: bool = True) -> Check:
@@ -143,6 +143,7 @@ REPLIES: dict[str, Check] = {
     }),
     "kread": _obj({"va": _uint, "hex": _hex}),
     "secretmem": _held(_const("secretmem")),
+    "pin": _held(_const("pin")),
     "mmap": _held(_const("mmap")),
     "mprotect": _held(_KIND),
     "canary": _obj({"id": _uint, "kind": _const("canary"), "va": _uint, "pfn": _uint,

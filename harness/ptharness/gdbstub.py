@@ -139,6 +139,15 @@ def parse_registers(documents: list[str], start: int = 0) -> dict[str, Register]
     return regs
 
 
+# QEMU's x86-64 stub numbers the control registers after the 6 segment selectors and
+# fs_base, gs_base, k_gs_base (target/i386/gdbstub.c: IDX_CTL_REGS = IDX_SEG_REGS +
+# IDX_NB_SEG); QEMU 7.2's i386-64bit.xml lists ss_base, ds_base, es_base there too, so
+# numbering its <reg>s gives cr3 = 32 where the stub serves EFER. Callers check these
+# against HMP ``info registers`` before writing one.
+X86_64_QEMU_CONTROL = {name: Register(name, 27 + i, 64, "qemu control")
+                       for i, name in enumerate(("cr0", "cr2", "cr3", "cr4", "cr8", "efer"))}
+
+
 class GdbClient:
     """A connection to a gdbstub unix socket (or TCP host:port, with TCP_NODELAY)."""
 
@@ -232,19 +241,37 @@ class GdbClient:
                 self._registers = parse_registers([top, *docs])
         return self._registers
 
-    def read_register(self, name: str) -> int:
-        """Value of register ``name`` of the current CPU (``p`` packet, target little endian)."""
+    def _reg(self, name: str | Register) -> Register:
+        if isinstance(name, Register):
+            return name
         reg = self.registers().get(name)
         if reg is None:
             raise GdbError(f"gdbstub has no register {name!r}")
+        return reg
+
+    def read_register(self, name: str | Register) -> int:
+        """Value of register ``name`` (or a :class:`Register` as the stub numbers it) of the
+        current CPU (``p`` packet, target little endian)."""
+        reg = self._reg(name)
         reply = self.request(b"p%x" % reg.regnum)
         try:
             raw = bytes.fromhex(reply.decode())
         except ValueError:
-            raise GdbError(f"bad register reply for {name}: {reply[:40]!r}") from None
+            raise GdbError(f"bad register reply for {reg.name}: {reply[:40]!r}") from None
         if len(raw) * 8 != reg.bitsize:
-            raise GdbError(f"{name}: {len(raw)} bytes, expected {reg.bitsize} bits")
+            raise GdbError(f"{reg.name}: {len(raw)} bytes, expected {reg.bitsize} bits")
         return int.from_bytes(raw, "little")
+
+    def write_register(self, name: str | Register, value: int) -> None:
+        """Set register ``name`` of the current CPU (``P`` packet, target little endian);
+        the stub must answer OK (QEMU's x86 stub writes CR3 through cpu_x86_update_cr3)."""
+        reg = self._reg(name)
+        if not 0 <= value < 1 << reg.bitsize:
+            raise GdbError(f"{reg.name}: {value:#x} does not fit {reg.bitsize} bits")
+        raw = value.to_bytes(reg.bitsize // 8, "little").hex()
+        reply = self.request(f"P{reg.regnum:x}={raw}".encode())
+        if reply != b"OK":
+            raise GdbError(f"gdbstub refused to write {reg.name}: {reply[:40]!r}")
 
     def read_registers(self, names: list[str]) -> dict[str, int]:
         return {n: self.read_register(n) for n in names}

@@ -137,9 +137,11 @@ class Guest(RootsMixin, HotplugMixin):
         smp: int = 1,
         image: Any = None,
         devices: tuple[str, ...] = (),
+        qemu_args: tuple[str, ...] = (),
     ) -> None:
         """``devices``: extra ``-device`` specs (e.g. ``"vmcoreinfo"``, which makes
-        ``dump-guest-memory`` carry the kernel's VMCOREINFO note)."""
+        ``dump-guest-memory`` carry the kernel's VMCOREINFO note); ``qemu_args``: more QEMU
+        arguments (e.g. a second QMP monitor for a client other than the harness)."""
         self.profile: Profile = get_profile(profile)
         if not isinstance(mem_mb, int) or mem_mb < 128 or mem_mb % 2:
             raise ValueError(f"mem_mb must be an even int >= 128, not {mem_mb!r}")
@@ -151,6 +153,7 @@ class Guest(RootsMixin, HotplugMixin):
         self.smp = smp
         self.image = image
         self.devices = tuple(devices)
+        self.qemu_args = tuple(qemu_args)
         self._info: dict[str, Any] | None = None
         self.boot_seconds: float | None = None  # QEMU start -> first agent reply
         self.timings: dict[str, float] = {}  # boot phases, seconds since QEMU start
@@ -255,6 +258,7 @@ class Guest(RootsMixin, HotplugMixin):
             )
             for dev in self.devices:
                 argv += ["-device", dev]
+            argv += self.qemu_args
             for f in (paths.serial, paths.stderr, paths.qmp, paths.gdb, paths.ram):
                 f.unlink(missing_ok=True)
             with open(paths.stderr, "wb") as err:

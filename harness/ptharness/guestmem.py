@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from ptlab.memory import OutOfRange, PhysMemory
+from ptlab.memory.base import SpanMemory, find_range
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ class Region:
         return self.pa + self.size
 
 
-class SharedRAM(PhysMemory):
+class SharedRAM(SpanMemory):
     """Guest RAM read (and written) in place through mmaps of shared backend files."""
 
     def __init__(self) -> None:
@@ -89,19 +90,8 @@ class SharedRAM(PhysMemory):
         return list(self._maps)
 
     def _find(self, pa: int, size: int) -> Region:
-        i = bisect.bisect_right(self._starts, pa) - 1
-        if i >= 0:
-            r = self._regions[i]
-            if pa + size <= r.end and size >= 0:
-                return r
-        raise OutOfRange(f"PA {pa:#x}+{size:#x} is not in guest RAM")
+        return find_range(self._starts, self._regions, pa, size)
 
-    def contains(self, pa: int, size: int = 8) -> bool:
-        try:
-            self._find(pa, size)
-        except OutOfRange:
-            return False
-        return True
 
     def read(self, pa: int, size: int) -> bytes:
         r = self._find(pa, size)

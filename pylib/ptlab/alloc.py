@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 from .memory.base import PhysMemory
 
@@ -150,6 +150,48 @@ class NormalAllocator(Allocator):
 
     def pa_range(self) -> tuple[int, int] | None:
         return self.pool.base, self.pool.base + self.pool.size
+
+
+class PageListAllocator(Allocator):
+    """Zeroed pages from a given list of page PAs (not contiguous: e.g. pages a guest
+    pinned for the host), handed out in order; freed pages are reused."""
+
+    def __init__(self, mem: PhysMemory, pages: Sequence[int], page_size: int = 4096) -> None:
+        bad = [pa for pa in pages if pa % page_size or not mem.contains(pa, page_size)]
+        if bad or len(set(pages)) != len(pages):
+            raise ValueError(f"pages must be distinct, aligned and in memory: {bad[:4]}")
+        self.mem, self.page_size = mem, page_size
+        self.pages = list(pages)
+        self._free = self.pages[::-1]
+
+    @property
+    def allocated(self) -> int:
+        return len(self.pages) - len(self._free)
+
+    def in_use(self) -> list[int]:
+        """The pages handed out and not freed, in list order."""
+        free = set(self._free)
+        return [pa for pa in self.pages if pa not in free]
+
+    def reserve(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise AllocError(f"page list exhausted: {n} pages wanted, {len(self._free)} of "
+                             f"{len(self.pages)} free")
+        out = [self._free.pop() for _ in range(n)]
+        for pa in out:
+            zero_page(self.mem, pa, self.page_size)
+        return out
+
+    def free(self, pa: int) -> None:
+        if pa not in self.pages or pa in self._free:
+            raise AllocError(f"PA {pa:#x} is not an allocated page of this list")
+        self._free.append(pa)
+
+    def owns(self, pa: int) -> bool:
+        return pa in self.pages
+
+    def pa_range(self) -> tuple[int, int] | None:
+        return (min(self.pages), max(self.pages) + self.page_size) if self.pages else (0, 0)
 
 
 class NoAllocAllocator(Allocator):

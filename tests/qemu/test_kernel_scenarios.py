@@ -15,6 +15,11 @@ attributes) and entry for entry (raw, x86 non-present entries with their inverte
 * x86 pti: the user PGD built by ``pti_init`` + ``pti_finalize`` from the real kernel PGD ==
   the real user PGD, over the whole VA space.
 * arm64 kpti: ``tramp_pg_dir`` built by ``map_entry_trampoline`` == the real one.
+* ASI (x86): the model's nonsensitive root built from the real kernel's tables hides the
+  agent's canary (which QEMU translates through the real root), maps nothing the kernel
+  root does not map the same way, and its map path never allocated; asi_cpu: that root
+  written into pages the agent pinned and loaded into CR3 (gdbstub), QEMU's MMU agrees
+  with the model page for page, then CR3 is restored and the guest runs on.
 * direct map at boot, built from the guest's System RAM: equal except the listed later
   set_memory_* changes of aliases (README, findings).
 """
@@ -152,6 +157,46 @@ class PtiChecks:
         assert user.extra["populated"] == user.extra["user_entries"]  # every one had NX
 
 
+class AsiChecks:
+    def test_asi_nonsensitive_root(self, target: ks.Target):
+        from ptharness import asi_scenarios
+
+        out = asi_scenarios.asi(target)
+        x = out.extra
+        assert_equal(out, self.profile)
+        # the canary: the real root maps it (QEMU's walk, the agent's bytes there), the
+        # model's kernel root as well, the nonsensitive root not
+        assert x["canary_pattern_ok"]
+        assert x["qemu_canary"] == x["canary_pa"] == x["kernel_canary"]
+        assert x["asi_canary"] is None
+        assert x["refused"] == 0  # the map path never asked for a table
+        mapped, _ = x["blocks"]
+        assert mapped >= 64  # most of the direct map's pageblocks are nonsensitive
+        # every table page has its owner: the ASI root's own tables are exactly those
+        # charged to "asi" (root + preallocated), the kernel's additions to "init_mm"
+        assert x["asi_tables"] == x["prepared"] + 1
+        assert set(x["owners"][1]) == {"asi"}
+        print(f"asi/{self.profile}: {x['asi_tables']} table pages for the nonsensitive root, "
+              f"{x['kernel_tables']} added to the kernel's")
+
+    def test_asi_cpu_translates_through_the_nonsensitive_root(self, target: ks.Target):
+        """The model's nonsensitive root in pinned guest pages, loaded into CR3 (gdbstub):
+        QEMU's MMU agrees with the model page for page, maps kernel text as the real root
+        does and not the canary; CR3 restored, the guest runs on."""
+        from ptharness import asi_scenarios
+
+        out = asi_scenarios.asi_cpu(target)
+        x = out.extra
+        old, loaded, restored = x["cr3"]
+        assert loaded & ks.X86_CR3_PGD_MASK == x["root"] != old & ks.X86_CR3_PGD_MASK
+        assert restored == old and x["pong"]["pong"] is True
+        assert x["root"] in x["own_tables"] and x["refused"] == 0
+        assert x["qemu_real_canary"] == x["canary_pa"] and x["qemu_asi_canary"] is None
+        assert set(x["block_asi"]) == {None}  # the canary's whole pageblock is sensitive
+        assert x["text_asi"] == x["text_real"] and None not in x["text_real"].values()
+        assert_equal(out, self.profile)
+
+
 class KptiChecks:
     def test_kpti_trampoline_predicted(self, target: ks.Target):
         out = ks.kpti_arm64(target)
@@ -160,7 +205,7 @@ class KptiChecks:
 
 
 CLASSES: dict[str, tuple[str, tuple[type, ...]]] = {
-    "TestX86_64": ("x86_64", (SecretmemChecks, DirectMapChecks)),
+    "TestX86_64": ("x86_64", (SecretmemChecks, DirectMapChecks, AsiChecks)),
     "TestX86_64La57": ("x86_64-la57", (SecretmemChecks, DirectMapChecks)),
     "TestX86_64Pti": ("x86_64-pti", (SecretmemChecks, PtiChecks, DirectMapChecks)),
     "TestArm64": ("arm64", (SecretmemChecks, DirectMapChecks)),

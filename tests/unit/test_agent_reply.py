@@ -114,7 +114,7 @@ def test_bad_output_is_rejected(status, out, problem):
 
 def test_check_reply_knows_every_documented_command():
     documented = {"info", "kread", "secretmem", "mmap", "mprotect", "canary", "release", "list",
-                  "ping", "memblocks", "online", "offline", "insmod", "serve"}
+                  "ping", "pin", "memblocks", "online", "offline", "insmod", "serve"}
     assert set(agent_reply.REPLIES) == documented
     check_reply("insmod", {"loaded": "/lib/modules/x.ko"})
     with pytest.raises(AgentProtocolError, match="insmod"):

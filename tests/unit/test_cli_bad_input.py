@@ -178,8 +178,8 @@ def test_cli_dump_truncated_while_open(x86, tmp_path):
             import os, sys
             from ptlab import cli
             real = cli.open_input
-            def open_then_truncate(args):
-                src = real(args)
+            def open_then_truncate(args, *rest):
+                src = real(args, *rest)
                 os.truncate({path!r}, {min(size, 0x1800)})
                 return src
             cli.open_input = open_then_truncate

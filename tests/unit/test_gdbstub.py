@@ -137,8 +137,36 @@ class FakeStub(threading.Thread):
                         hexval = self.values[num].to_bytes(8, "little").hex().encode()
                         # compress runs of zeros as the stub may: "0* " is four zeros
                         self.reply(hexval.replace(b"0000", b"0* "))
+                elif body.startswith(b"P"):  # P<num>=<little-endian hex>: known ones only
+                    num, _, val = body[1:].partition(b"=")
+                    if int(num, 16) not in self.values:
+                        self.reply(b"E14")
+                    else:
+                        self.values[int(num, 16)] = int.from_bytes(bytes.fromhex(val.decode()),
+                                                                   "little")
+                        self.reply(b"OK")
                 else:
                     self.reply(b"")
+
+
+def test_client_writes_registers():
+    """``P`` packets: the stub's value changes (read back), a refusal is an error, a value
+    wider than the register never leaves the client."""
+    a, b = socket.socketpair()
+    stub = FakeStub(b, {175: 0x4185_8000})
+    stub.start()
+    client = GdbClient.__new__(GdbClient)
+    client.timeout, client.reader, client.packet_size, client.sock = 5.0, PacketReader(), 0x1000, a
+    client._registers, client._known = None, None
+    client.write_register("TTBR1_EL1", 0x1234_5000)
+    assert stub.values[175] == 0x1234_5000 == client.read_register("TTBR1_EL1")
+    with pytest.raises(GdbError, match="E14"):
+        client.write_register("TTBR0_EL1", 1)
+    with pytest.raises(GdbError, match="does not fit"):
+        client.write_register("TTBR1_EL1", 1 << 64)
+    assert stub.values == {175: 0x1234_5000}
+    client.close()
+    b.close()
 
 
 def test_client_against_fake_stub():

@@ -4,7 +4,13 @@ allocation on the map path, every table page charged to its owner."""
 from __future__ import annotations
 
 import pytest
-from ptlab.alloc import AccountingAllocator, AllocError, NormalAllocator, PhysPool
+from ptlab.alloc import (
+    AccountingAllocator,
+    AllocError,
+    NormalAllocator,
+    PageListAllocator,
+    PhysPool,
+)
 from ptlab.arch import x86_64
 from ptlab.engine import PageTable
 from ptlab.formats.base import Kind
@@ -107,3 +113,28 @@ def test_map_path_refuses_what_would_allocate_or_change_the_kernel() -> None:
     with pytest.raises(AllocError):
         asi.atomic.map(0xFFFF_C900_0000_0000, 0, K4, PK)
     assert asi.noalloc.refused == 1 and kalloc.totals() == before
+
+
+def test_randomised_bases_and_tables_in_given_scattered_pages() -> None:
+    """A RANDOMIZE_MEMORY layout (direct map, vmemmap moved), and the root's own tables in
+    a list of scattered pages (as a guest pins them): only those pages are used."""
+    fmt, mem = by_name("x86_64-4level"), SparseMemory()
+    k = PageTable(fmt, mem, alloc=NormalAllocator(PhysPool(mem, 0x1000_0000, 1 << 20)))
+    dm, vmm = 0xFFFF_9A40_0000_0000, 0xFFFF_D3C0_4000_0000  # PUD-aligned, as kaslr.c does
+    k.map(dm, 0, 4 << 20, PK)
+    k.map(vmm, 0x60_0000, K4, PK)
+    k.map(TEXT, 0x100_0000, M2, TEXT_RX)
+    policy = x86_policy(4, 1 << 30, dm, vmm)
+    assert policy[0].start == dm and policy[1].start == vmm - vmm % (1 << 39)
+    pages = [0x3000_0000 + i * 0x5000 for i in (7, 2, 11, 4)]  # scattered, any order
+    lst = PageListAllocator(mem, pages)
+    asi = Asi(k, policy, AccountingAllocator(lst, owner="asi"))
+    asi.map(dm + M2, M2)
+    assert lst.in_use() == [pa for pa in pages if pa in tables(asi.root)]
+    assert len(lst.in_use()) == 3 and asi.root.root == pages[0]
+    assert asi.root.translate(vmm).pa == 0x60_0000 and asi.root.translate(dm).fault
+    assert asi.root.translate(dm + M2 + 0x1000).pa == M2 + 0x1000
+    with pytest.raises(AllocError, match="exhausted"):
+        lst.reserve(2)
+    with pytest.raises(ValueError, match="distinct"):
+        PageListAllocator(mem, [0x1000, 0x1000])

@@ -14,6 +14,11 @@ Subcommands: ``info``, ``translate VA...``, ``walk [--start VA] [--end VA]``, ``
 ``ptlab: error: ...`` line on stderr and exits 2. Findings exit 1: ``translate`` when a VA is
 not mapped, ``wx``/``check`` when something is found, ``diff`` on differences, ``search``
 when nothing is found, ``kaslr`` when VMCOREINFO disagrees.
+
+A live QEMU: ``--qmp SOCKET`` (:mod:`ptlab.memory.qmp_live`; stopped while ptlab reads, said on
+stderr, resumed after). ``--user-root`` (walk, ptdump, translate, wx) takes the user-side root
+next to the kernel root (``ArchOps.user_root``). On a terminal, a command running over a second
+shows a progress line on stderr (:mod:`.progress`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from .errors import CliError
 from .infer import infer_format, infer_root
 from .inputs import SCAN_LIMIT, Source, dump_kind, load_vmcoreinfo, open_input
 from .numbers import parse_int, parse_region, parse_va
+from .progress import Progress, wanted
 from .runs import RunLines, run_json, run_text
 from .text import attrs_text, level_name, one_line, size_text, write_lines
 from .walking import MAX_WALK_WORK, walk_budget
@@ -67,8 +73,13 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None,
     src: Source | None = None
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-        src = open_input(args)
-        status = COMMANDS[args.cmd](src, args, out)
+        src = open_input(args, err)
+        progress = Progress(src.mem, err, args.cmd) if wanted(err) else None
+        try:
+            status = COMMANDS[args.cmd](src, args, out)
+        finally:
+            if progress is not None:
+                progress.stop()
         missed = getattr(src.mem, "not_in_dump", 0)
         if missed:  # ptdump and wx keep the kernel's output format: say it on stderr
             err.write(f"ptlab: warning: {missed} read(s) of pages not in dump (first at PA "

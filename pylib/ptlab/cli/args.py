@@ -22,6 +22,13 @@ def _add_input_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                    "kdump-compressed (plain or flattened), else a raw image")
     g.add_argument("--elf", metavar="CORE", default=d, help="ELF core (QEMU dump / kdump)")
     g.add_argument("--raw", metavar="FILE", default=d, help="raw physical-memory image")
+    g.add_argument("--qmp", metavar="SOCKET", default=d,
+                   help="a live QEMU's QMP unix socket: registers over HMP, RAM mmapped where "
+                   "it is a shared file backend, else read by pmemsave; the guest is stopped "
+                   "while ptlab reads and resumed afterwards")
+    g.add_argument("--qmp-copy", action="store_true",
+                   default=argparse.SUPPRESS if suppress else False,
+                   help="with --qmp: read RAM through pmemsave even where it could be mapped")
     g.add_argument("--region", metavar="PA:OFF:SIZE", action="append", default=d,
                    help="raw image region (repeatable); default: whole file at PA 0")
     g.add_argument("--format", metavar="NAME", default=d, help="page-table format name")
@@ -30,7 +37,15 @@ def _add_input_options(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help="VMCOREINFO text file, or 'scan' memory for the kernel's note "
                    f"(its first {SCAN_LIMIT >> 30} GiB)")
     g.add_argument("--cpu", metavar="N", default=d,
-                   help="take the root from this CPU's CR3 note (default: VMCOREINFO, else CPU 0)")
+                   help="take the root from this CPU's CR3 note or live registers "
+                   "(default: VMCOREINFO, else CPU 0)")
+
+
+def _add_user_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user-root", dest="user_root_side", action="store_true",
+                   help="walk the user-side root next to the kernel root instead: the x86 PTI "
+                   "user PGD (kernel PGD + 0x1000), the arm64 KPTI tramp_pg_dir "
+                   "(swapper_pg_dir - 0x2000)")
 
 
 def _add_range(p: argparse.ArgumentParser) -> None:
@@ -54,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = cmd("translate", "translate VAs: one VA prints the entry at every level; many (from "
             "arguments, --file or stdin '-') go through one batch, one line each")
     t.add_argument("va", metavar="VA", nargs="*", help="VAs ('-': read them from stdin)")
+    _add_user_root(t)
     t.add_argument("--file", metavar="FILE", help="read VAs from FILE, one per line ('-': stdin)")
     t.add_argument("--json", action="store_true",
                    help='one JSON object per VA and line: {"va", "pa", "page_size", "level", '
@@ -63,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("wx", "audit for writable+executable mappings (the kernel's DEBUG_WX)")):
         w = cmd(name, help)
         _add_range(w)
+        _add_user_root(w)
         w.add_argument("--ignore-ad", action="store_true",
                        help="coalesce runs regardless of accessed/dirty bits")
         if name == "walk":

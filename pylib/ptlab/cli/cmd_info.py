@@ -35,7 +35,13 @@ def cmd_info(src: Source, args: argparse.Namespace, out: IO[str]) -> int:
               f"file {ld.offset:#x}+{ld.filesz:#x} vaddr {ld.vaddr:#x}\n")
         if len(core.loads) > 64:
             w(f"  ... {len(core.loads) - 64} more\n")
-    if core is not None:
+    if src.kind == "qmp":
+        w(f"machine: {src.machine} (live QEMU)\n")
+        w("regions: " + ", ".join(f"[{s:#x}, {e:#x})" for s, e in src.mem.ranges()) + "\n")
+        for cpu in getattr(core, "cpus", []):
+            w(f"cpu {cpu.index}: " + " ".join(f"{k}={v:#x}" for k, v in cpu.control.items())
+              + "\n")
+    elif core is not None:
         counts: dict[tuple[str, int], int] = {}
         for n in core.notes:
             counts[(n.name, n.type)] = counts.get((n.name, n.type), 0) + 1

@@ -34,7 +34,7 @@ def _cpu(src: Source, args: argparse.Namespace) -> Any:
         return None
     n = parse_int(args.cpu, "CPU number") if args.cpu is not None else 0
     if n >= len(src.core.cpus):
-        raise CliError(f"--cpu {n}: the core has {len(src.core.cpus)} CPU(s)")
+        raise CliError(f"--cpu {n}: {src.path} has {len(src.core.cpus)} CPU(s)")
     return src.core.cpus[n]
 
 
@@ -67,7 +67,9 @@ def infer_format(src: Source, args: argparse.Namespace) -> Format:
 
 
 def infer_root(src: Source, args: argparse.Namespace, fmt: Format) -> int:
-    """``--root`` or the root VMCOREINFO (``__pa_symbol``) or the CPU note's CR3 gives."""
+    """``--root`` or the root VMCOREINFO (``__pa_symbol``) or the CPU note's (or live
+    CPU's) root register gives; with ``--user-root`` the user-side root next to it
+    (``ArchOps.user_root``)."""
     if args.root is not None:
         root = parse_int(args.root, "root PA")
         src.notes.append(f"root {root:#x}: from --root")
@@ -84,6 +86,10 @@ def infer_root(src: Source, args: argparse.Namespace, fmt: Format) -> int:
                 root, why = kernel_root(ops, regs=cpu.control, where=f"CPU {cpu.index}")
             except ArchError as e:
                 raise CliError(f"{e}; pass --root") from None
+        if root is None and src.kind == "qmp":
+            raise CliError(f"cannot infer the root: QEMU's monitor shows no {src.machine} root "
+                           "register (HMP 'info registers' prints no TTBR1 on arm64); pass "
+                           "--root PA or --vmcoreinfo scan")
         if root is None:
             raise CliError("cannot infer the root (no usable VMCOREINFO, no CPU root-register "
                            "note); pass --root PA or --vmcoreinfo")
@@ -93,4 +99,11 @@ def infer_root(src: Source, args: argparse.Namespace, fmt: Format) -> int:
         raise CliError(f"root {root:#x} is not a {align:#x}-aligned PA below 2**{fmt.pa_bits}")
     if not src.mem.contains(root, 8):
         raise CliError(f"root {root:#x} is outside the memory of {src.path}")
+    if getattr(args, "user_root_side", False):
+        found = arch_for(fmt).user_root(fmt, src.mem, root)
+        if found is None:
+            raise CliError(f"no user-side root next to the kernel root {root:#x} (PTI / KPTI "
+                           "off, or not a kernel root)")
+        root, why = found
+        src.notes.append(f"root {root:#x}: --user-root, the {why}")
     return root

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from typing import IO
 
 from ..memory import ElfCore, PhysMemory, RawImage, VmcoreInfo
 from ..memory.kdump import KdumpCompressed, is_kdump
+from ..memory.qmp_live import LiveQemu, attach
 from ..memory.raw import FileChanged, ImageError, open_regular, pread_exact
 from ..memory.vmcoreinfo import MAX_NOTE, find_vmcoreinfo
 from .errors import CliError
@@ -23,9 +25,9 @@ class Source:
     """The opened input and what it says about itself."""
 
     mem: PhysMemory
-    kind: str  # "elf" | "kdump" | "raw"
+    kind: str  # "elf" | "kdump" | "raw" | "qmp"
     path: str
-    core: ElfCore | KdumpCompressed | None = None  # a dump that describes its machine
+    core: ElfCore | KdumpCompressed | LiveQemu | None = None  # a dump that describes its machine
     vmcoreinfo: VmcoreInfo | None = None  # --vmcoreinfo, else the core's note
     notes: list[str] = field(default_factory=list)  # how format/root were chosen
 
@@ -36,17 +38,32 @@ class Source:
         return self.vmcoreinfo.arch if self.vmcoreinfo is not None else None
 
 
-def open_input(args: argparse.Namespace) -> Source:
-    for opt in ("dump", "elf", "raw", "format", "vmcoreinfo"):
+def open_input(args: argparse.Namespace, err: IO[str] | None = None) -> Source:
+    """Open the input ``args`` name; ``err`` hears that a live guest was stopped/resumed."""
+    for opt in ("dump", "elf", "raw", "qmp", "format", "vmcoreinfo"):
         if getattr(args, opt, None) == "":
             raise CliError(f"--{opt} is empty")
-    given = [opt for opt in ("dump", "elf", "raw") if getattr(args, opt) is not None]
+    given = [opt for opt in ("dump", "elf", "raw", "qmp") if getattr(args, opt) is not None]
     if len(given) > 1:
-        raise CliError("give only one of --dump, --elf, --raw, not both "
+        raise CliError("give only one of --dump, --elf, --raw, --qmp, not both "
                        + " and ".join(f"--{g}" for g in given))
     if not given:
-        raise CliError("no input: give --dump FILE (or --elf CORE, --raw FILE)")
+        raise CliError("no input: give --dump FILE (or --elf CORE, --raw FILE, --qmp SOCKET)")
     path = getattr(args, given[0])
+    if getattr(args, "qmp_copy", False) and given[0] != "qmp":
+        raise CliError("--qmp-copy applies to --qmp only")
+    if given[0] == "qmp":
+        if args.region:
+            raise CliError("--region applies to raw images, not to --qmp")
+        live = attach(path, copy=args.qmp_copy,
+                      say=lambda s: (err.write(s + "\n"), err.flush()) if err else None)
+        src = Source(live, "qmp", path, live)
+        if live.shared:
+            src.notes.append("RAM read in place: shared file backend " + ", ".join(live.shared))
+        if live.copied:
+            src.notes.append("RAM read by QMP pmemsave" + (" (the rest)" if live.shared else
+                             " (no shared file backend ptlab can open)"))
+        return _with_vmcoreinfo(src, args)
     kind = dump_kind(path) if given[0] == "dump" else given[0]
     if args.region and kind != "raw":
         raise CliError(f"--region applies to raw images, not to {path} ({kind})")

@@ -44,18 +44,23 @@ class Region:
     level: int
 
 
-def x86_policy(levels: int = 4, direct_map_size: int = 1 << 30) -> list[Region]:
+def x86_policy(levels: int = 4, direct_map_size: int = 1 << 30,
+               direct_map_base: int | None = None,
+               vmemmap_base: int | None = None) -> list[Region]:
     """A nonsensitive policy for x86-64 (layout from arch/x86/include/asm/
     pgtable_64_types.h, page_64_types.h): kernel image, modules and fixmap, the CPU entry
     area and vmemmap shared at the top level; the direct map private at pmd level (2M
-    pageblocks); everything else (vmalloc, LDT, ESPFIX, EFI) absent."""
+    pageblocks); everything else (vmalloc, LDT, ESPFIX, EFI) absent. The bases default to
+    the unrandomised ones; a RANDOMIZE_MEMORY kernel's are ``page_offset_base`` and
+    ``vmemmap_base`` (arch/x86/mm/kaslr.c)."""
     top = levels - 1
     pgd = 1 << (12 + 9 * top)  # what one top-level entry maps
-    dm = x86_64.PAGE_OFFSET[levels]
+    dm = x86_64.PAGE_OFFSET[levels] if direct_map_base is None else direct_map_base
+    vmm = x86_64.VMEMMAP_BASE[levels] if vmemmap_base is None else vmemmap_base
+    vmm -= vmm % pgd
     return [
         Region("direct map", dm, dm + direct_map_size, "private", 1),
-        Region("vmemmap", x86_64.VMEMMAP_BASE[levels], x86_64.VMEMMAP_BASE[levels] + pgd,
-               "share", top),
+        Region("vmemmap", vmm, vmm + pgd, "share", top),
         Region("cpu_entry_area", x86_64.CPU_ENTRY_AREA_BASE, x86_64.CPU_ENTRY_AREA_BASE + pgd,
                "share", top),
         Region("kernel image, modules, fixmap", (-pgd) % (1 << 64), 1 << 64, "share", top),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -55,3 +58,36 @@ class PhysMemory(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Span(Protocol):
+    @property
+    def end(self) -> int: ...
+
+
+S = TypeVar("S", bound=_Span)
+
+
+def find_range(starts: Sequence[int], spans: Sequence[S], pa: int, size: int) -> S:
+    """The span of ``spans`` (sorted, non-overlapping, ``starts`` their first PAs) holding all
+    of [pa, pa+size); OutOfRange otherwise."""
+    i = bisect.bisect_right(starts, pa) - 1
+    if i >= 0 and size >= 0 and pa + size <= spans[i].end:
+        return spans[i]
+    raise OutOfRange(f"PA {pa:#x}+{size:#x} is not in guest RAM")
+
+
+class SpanMemory(PhysMemory):
+    """Physical memory made of sorted spans (guest RAM regions): ``_find`` gives the span
+    holding a range (e.g. with :func:`find_range`), ``contains`` follows from it."""
+
+    @abstractmethod
+    def _find(self, pa: int, size: int) -> object:
+        """The span holding all of [pa, pa+size); OutOfRange otherwise."""
+
+    def contains(self, pa: int, size: int = 8) -> bool:
+        try:
+            self._find(pa, size)
+        except OutOfRange:
+            return False
+        return True

@@ -1,0 +1,102 @@
+"""``ptlab --qmp SOCKET`` on a real guest it did not start: one x86-64 guest booted by the
+harness with a second QMP monitor (QEMU's socket chardev serves one client at a time, and
+the harness holds the first), ptlab in a subprocess.
+
+* Guest stopped by the harness: ``ptlab --qmp ... walk --json`` gives the same runs as the
+  harness's walk over its own mmap of the shared RAM file, reading RAM in place (the harness
+  unlinked the ``mem-path`` file: ptlab opens QEMU's descriptor of it, ``/proc/PID/fd/N``) and
+  with ``--qmp-copy`` through ``pmemsave``; with ``--root`` (the harness's kernel root) over
+  the whole space and with the root inferred from CPU 0's CR3 (HMP ``info registers``) over
+  the kernel half (CPU 1's with ``--cpu 1``: two vCPUs). ptlab leaves the guest stopped and
+  says nothing.
+* Guest running: ptlab stops it (saying so on stderr), walks, resumes it: QMP says it runs and
+  the agent answers afterwards.
+* The harness's own QMP socket, held by the harness: one ``ptlab: error:`` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ptharness.guest import Guest
+from ptlab.cli import run_json, walk_budget
+from ptlab.walk import Walker
+
+pytestmark = [pytest.mark.qemu, pytest.mark.profile("x86_64")]
+
+PROFILE = "x86_64"
+KERNEL_HALF = 0xFFFF_8000_0000_0000  # x86_64 4-level: the kernel half
+TIMEOUT = 300  # seconds a ptlab subprocess may take on a loaded machine
+
+
+def ptlab(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ptlab.cli", *argv], capture_output=True,
+                          text=True, timeout=TIMEOUT, check=False)
+
+
+def runs(text: str) -> list[dict[str, Any]]:
+    objs = [json.loads(line) for line in text.splitlines()]
+    assert objs and "runs" in objs[-1], text[-500:]
+    return objs[:-1]
+
+
+def harness_walk(g: Guest, root: int, start: int | None) -> list[dict[str, Any]]:
+    fmt, mem = g.kernel_format(), g.memory
+    walker = Walker(fmt, mem, root, **walk_budget(mem))
+    out = [run_json(fmt, r) for r in walker.run_table(start, None)]
+    out += [{"anomaly": a.reason, "va": f"{a.va:#x}", "level": a.level,
+             "entry_pa": f"{a.entry_pa:#x}", "raw": f"{a.raw:#x}"} for a in walker.anomalies]
+    return out
+
+
+def test_live_walk(tmp_path: Path) -> None:
+    sock = tmp_path / "live.sock"
+    mon = ("-chardev", f"socket,id=qmp1,path={sock},server=on,wait=off",
+           "-mon", "chardev=qmp1,mode=control")
+    with Guest(PROFILE, smp=2, qemu_args=mon) as g:
+        root = g.kernel_root()
+        g.stop()
+        try:
+            theirs = harness_walk(g, root, None)
+            assert len(theirs) > 100
+            for how, extra in (("in place", ()), ("pmemsave", ("--qmp-copy",))):
+                info = ptlab("--qmp", str(sock), *extra, "info", "--json")
+                assert info.returncode == 0 and not info.stderr, info.stderr
+                notes = " ".join(json.loads(info.stdout)["notes"])
+                assert ("shared file backend ram0" in notes) == (how == "in place"), notes
+                assert ("pmemsave" in notes) == (how == "pmemsave"), notes
+                whole = ptlab("--qmp", str(sock), *extra, "walk", "--json", "--root", hex(root))
+                assert whole.returncode == 0 and not whole.stderr, whole.stderr
+                assert runs(whole.stdout) == theirs, how
+            half = ptlab("--qmp", str(sock), "walk", "--json", "--start", hex(KERNEL_HALF))
+            assert half.returncode == 0 and not half.stderr, half.stderr
+            kernel_half = harness_walk(g, root, KERNEL_HALF)
+            assert runs(half.stdout) == kernel_half
+            info = json.loads(ptlab("--qmp", str(sock), "info", "--json").stdout)
+            assert [c["index"] for c in info["cpus"]] == [0, 1]
+            assert all(int(c["control"]["cr3"], 16) for c in info["cpus"])
+            cpu1 = ptlab("--qmp", str(sock), "--cpu", "1", "walk", "--json", "--start",
+                         hex(KERNEL_HALF))
+            assert cpu1.returncode == 0 and runs(cpu1.stdout) == kernel_half, cpu1.stderr
+            bad = ptlab("--qmp", str(sock), "--cpu", "2", "walk")
+            assert bad.returncode == 2 and bad.stderr.startswith("ptlab: error: --cpu 2")
+            assert not g.running  # stopped before: ptlab left it so
+        finally:
+            g.cont()
+        live = ptlab("--qmp", str(sock), "walk")
+        assert live.returncode == 0, live.stderr
+        assert live.stderr.splitlines()[0] == "ptlab: guest stopped while reading"
+        assert "ptlab: guest resumed" in live.stderr.splitlines()
+        assert " runs, " in live.stdout.splitlines()[-1]
+        assert g.running
+        assert isinstance(g.agent("ping"), dict)  # raises unless the agent answers
+        held = ptlab("--qmp", str(g.rundir / "qmp.sock"), "walk")
+        assert held.returncode == 2
+        assert [x for x in held.stderr.splitlines() if x] == [
+            x for x in held.stderr.splitlines() if x.startswith("ptlab: error: QMP")]
+        assert g.running
