@@ -39,6 +39,9 @@
 #ifndef SYS_finit_module
 #error "finit_module syscall number unknown"
 #endif
+#ifndef SYS_delete_module
+#error "delete_module syscall number unknown"
+#endif
 
 #define DEFAULT_SOCK "/run/ptagent.sock"
 #define MAX_PAGES 262144          /* 1 GiB of 4 KiB pages per request */
@@ -806,6 +809,18 @@ static int cmd_insmod(struct out *o, int argc, char **argv)
     return 0;
 }
 
+static int cmd_rmmod(struct out *o, int argc, char **argv)
+{
+    if (argc != 2 || !argv[1][0] || strlen(argv[1]) >= 64 || strchr(argv[1], '/'))
+        return fail(o, EINVAL, "usage: rmmod NAME");
+    if (syscall(SYS_delete_module, argv[1], O_NONBLOCK))
+        return fail(o, errno, "delete_module %s: %s", argv[1], strerror(errno));
+    jp(o, "{\"removed\": ");
+    jstr(o, argv[1]);
+    jp(o, "}");
+    return 0;
+}
+
 /* ---------------------------------------------------------------- dispatch */
 
 struct command {
@@ -821,6 +836,7 @@ static const struct command commands[] = {
     {"info", 0, cmd_info},           {"kread", 0, cmd_kread},
     {"memblocks", 0, cmd_memblocks}, {"online", 0, cmd_online1},
     {"offline", 0, cmd_offline},     {"insmod", 0, cmd_insmod},
+    {"rmmod", 0, cmd_rmmod},
     {"secretmem", 1, cmd_secretmem}, {"mmap", 1, cmd_mmap},
     {"mprotect", 1, cmd_mprotect},   {"canary", 1, cmd_canary},
     {"release", 1, cmd_release},     {"list", 1, cmd_list},

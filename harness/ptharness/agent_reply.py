@@ -156,6 +156,7 @@ REPLIES: dict[str, Check] = {
     "online": _obj({"block": _uint, "state": _str}),
     "offline": _obj({"block": _uint, "state": _str}),
     "insmod": _obj({"loaded": _str}),
+    "rmmod": _obj({"removed": _str}),
     "serve": _obj({"serving": _str, "pid": _uint}),
 }
 _ERROR = _obj({"error": _str, "errno": _uint})

@@ -231,3 +231,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture(scope="class")
+def target(request: pytest.FixtureRequest) -> Any:
+    """A kernel-scenario target (``ptharness.kernel_scenarios.Target``) on the test class's
+    profile, booted once per class (with hotplug slots if the class sets ``hotplug = True``)
+    and closed when the class is done."""
+    from ptharness import kernel_scenarios as ks
+    from ptharness.guest import Guest
+
+    profile = str(request.cls.profile)
+    g = Guest(profile, hotplug=bool(getattr(request.cls, "hotplug", False)))
+    g.start()
+    try:
+        yield ks.Target.of(g, rng_for(f"{request.module.__name__}:{profile}"))
+    finally:
+        g.close()
+
+
+def assert_predicted(out: Any, profile: str) -> None:
+    """A kernel scenario's model and real tables agree: print ``differ[...]`` and fail with
+    the comparison's summary otherwise."""
+    cmp = out.comparison
+    print(f"differ[{cmp.scenario}/{profile}]: {cmp.differ} pages of {cmp.pages}")
+    assert cmp.pages > 0, f"{cmp.scenario}: nothing compared"
+    assert cmp.equal, cmp.summary()

@@ -11,19 +11,29 @@ stopped once and dumped with QEMU's ``dump-guest-memory`` (ELF with the kernel's
   cleared (``wx``), another with US set along its path (``user-kernel``), and the user PGD's
   top entry for the kernel image replaced by the kernel's (``user-root`` findings covering
   kallsyms' ``linux_banner``).
+* ``search HEX`` of the agent's canary through the agent's root: the agent's user VA and the
+  direct-map alias (QEMU's gva2gpa of page_offset_base + PA), at the agent's pagemap PFN.
+* ``check``, ``walk --json`` and ``translate`` over QEMU's kdump-zlib dump of the same stop
+  print what they print over the ELF dump.
+* ``map --svg --png``: the regions, no W+X run; the PNG decodes (zlib) to the SVG's size.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
+import struct
+import zlib
 from typing import Any
 
 import pytest
+from ptharness import oracle
 from ptharness.agent_reply import kallsyms
 from ptharness.guest import Guest
+from ptharness.scenarios import find_user_roots, in_kernel_regime, stop_where
 from ptlab.arch.x86_64 import START_KERNEL_MAP
 from ptlab.cli import main as ptlab_main
 from ptlab.memory import ElfCore
@@ -44,24 +54,38 @@ def cli(*argv: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def dumped(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The guest's ELF dump, its kallsyms and dmesg, the kernel root and the format."""
+def dumped(tmp_path_factory: pytest.TempPathFactory, rng_factory: Any) -> Any:
+    """The guest's ELF and kdump-zlib dumps (one stop, in the kernel's regime), its kallsyms
+    and dmesg, the kernel root and the format, the agent's canary and its direct-map alias."""
     tmp = tmp_path_factory.mktemp("cli-qemu")
-    path = tmp / "vmcore.elf"
-    with Guest(PROFILE, devices=("vmcoreinfo",)) as g:
-        syms = kallsyms(g.info)
-        code, dmesg, _ = g.ssh("dmesg")
-        assert code == 0
-        root, fmt = g.kernel_root(), g.kernel_format()
-        g.stop()
-        g.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
-        # QEMU's own read of _stext's bytes, at the PA __pa_symbol() gives (no page tables)
-        pa = syms["_stext"] - START_KERNEL_MAP + g.vmcoreinfo().number("phys_base")
-        text = bytes(int(b, 16) for line in g.hmp(f"xp /48xb {pa:#x}").splitlines()
-                     for b in line.split(":", 1)[1].split())
-    yield {"path": path, "syms": syms, "dmesg": dmesg, "root": root, "fmt": fmt, "tmp": tmp,
-           "stext_bytes": text}
-    path.unlink(missing_ok=True)
+    path, kdump = tmp / "vmcore.elf", tmp / "vmcore.kdump-zlib"
+    try:
+        with Guest(PROFILE, devices=("vmcoreinfo",)) as g:
+            syms = kallsyms(g.info)
+            code, dmesg, _ = g.ssh("dmesg")
+            assert code == 0
+            root, fmt = g.kernel_root(), g.kernel_format()
+            canary = g.agent("canary")  # held by the agent daemon until the guest goes
+            # stopped where QEMU's x/gva2gpa walk the kernel tables (not a PTI user PGD)
+            stop_where(g, lambda regs: in_kernel_regime(g, regs, root),
+                       rng_factory("cli-qemu-stop"))
+            g.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
+            g.qmp("dump-guest-memory", paging=False, protocol=f"file:{kdump}",
+                  format="kdump-zlib")
+            # the canary's direct-map alias: page_offset_base read and translated by QEMU
+            pob = g.hmp(f"x /1gx {syms['page_offset_base']:#x}").split(":", 1)[1].split()[0]
+            alias = int(pob, 16) + canary["pfn"] * 4096
+            alias_pa = oracle.gva2gpa(g.hmp, alias)
+            # QEMU's own read of _stext's bytes, at the PA __pa_symbol() gives (no page tables)
+            pa = syms["_stext"] - START_KERNEL_MAP + g.vmcoreinfo().number("phys_base")
+            text = bytes(int(b, 16) for line in g.hmp(f"xp /48xb {pa:#x}").splitlines()
+                         for b in line.split(":", 1)[1].split())
+        yield {"path": path, "syms": syms, "dmesg": dmesg, "root": root, "fmt": fmt, "tmp": tmp,
+               "stext_bytes": text, "kdump": kdump, "canary": canary, "alias": alias,
+               "alias_pa": alias_pa}
+    finally:
+        path.unlink(missing_ok=True)
+        kdump.unlink(missing_ok=True)
 
 
 def test_translate_agrees_with_drgn(dumped: Any, seeded_rng: random.Random) -> None:
@@ -96,6 +120,7 @@ def test_translate_agrees_with_drgn(dumped: Any, seeded_rng: random.Random) -> N
         assert (int(o["pa"], 16) if o["pa"] is not None else None) == theirs, (hex(va), o)
         mapped += theirs is not None
     assert mapped >= SAMPLE  # every VA sampled from a run is mapped for drgn too
+    vafile.unlink()
 
 
 def test_check_clean_guest(dumped: Any) -> None:
@@ -189,6 +214,45 @@ def test_search_finds_linux_banner(dumped: Any) -> None:
     assert [va for va, pa in hits.items() if pa == hits[banner] and va >> 63 and va != banner]
 
 
+def test_search_finds_agent_canary(dumped: Any) -> None:
+    """``search HEX`` of the agent's canary (64 random bytes) through the agent's own root
+    (found in the dump by its canary mapping) reports the agent's user VA and the direct-map
+    alias QEMU translates (gva2gpa), both at the PFN the agent read from /proc/self/pagemap."""
+    canary, fmt = dumped["canary"], dumped["fmt"]
+    va, pa = canary["va"], canary["pfn"] * 4096
+    assert dumped["alias_pa"] == pa, (hex(dumped["alias"]), dumped["alias_pa"])
+    core = ElfCore(dumped["path"])
+    try:
+        roots = find_user_roots(fmt, core, {va: pa})
+    finally:
+        core.close()
+    assert roots, "no table root maps the agent's canary"
+    code, out = cli("--dump", str(dumped["path"]), "--root", hex(roots[0]), "search",
+                    canary["pattern"], "--json")
+    hits = {int(h["va"], 16): int(h["pa"], 16) for h in map(json.loads, out.splitlines())}
+    assert code == 0, out
+    assert hits.get(va) == pa, sorted((hex(v), hex(p)) for v, p in hits.items())
+    assert hits.get(dumped["alias"]) == pa, sorted((hex(v), hex(p)) for v, p in hits.items())
+
+
+@pytest.mark.parametrize("argv", [("check",), ("walk", "--json"),
+                                  ("translate", "--json", "LINUX_BANNER", "STEXT", "ALIAS",
+                                   "0xffff800000000000", "0x1000"),
+                                  ("translate", "ALIAS")],
+                         ids=["check", "walk", "translate-batch", "translate-trace"])
+def test_kdump_same_as_elf(dumped: Any, argv: tuple[str, ...]) -> None:
+    """QEMU's kdump-zlib dump of the same stop gives the same output as its ELF dump."""
+    subst = {"LINUX_BANNER": dumped["syms"]["linux_banner"], "STEXT": dumped["syms"]["_stext"],
+             "ALIAS": dumped["alias"]}
+    argv = tuple(hex(subst[a]) if a in subst else a for a in argv)
+    elf = cli("--dump", str(dumped["path"]), *argv)
+    kd = cli("--dump", str(dumped["kdump"]), *argv)
+    assert elf[1] and kd == elf
+    if argv[0] == "translate" and len(argv) > 2:
+        pas = [json.loads(line)["pa"] for line in elf[1].splitlines()]
+        assert pas[2] == hex(dumped["alias_pa"]) and pas[3:] == [None, None], pas
+
+
 def test_disasm_stext_matches_qemu(dumped: Any) -> None:
     stext = dumped["syms"]["_stext"]
     code, out = cli("--dump", str(dumped["path"]), "disasm", hex(stext), "8", "--json")
@@ -205,13 +269,32 @@ def test_kaslr_base_is_kallsyms_text(dumped: Any) -> None:
     assert code == 0 and obj["agree"] and obj["text"] == hex(dumped["syms"]["_text"]), obj
 
 
+def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, RGB rows) of the 8-bit RGB filter-0 PNG ptlab writes (zlib, struct)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + n
+    w, h, *fields = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    assert fields == [8, 2, 0, 0, 0] and b"IEND" in chunks
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == w * h * 3 + h
+    rows = [raw[y * (3 * w + 1):(y + 1) * (3 * w + 1)] for y in range(h)]
+    assert all(r[0] == 0 for r in rows)
+    return w, h, [r[1:] for r in rows]
+
+
 def test_map_svg_of_real_dump(dumped: Any) -> None:
     import xml.etree.ElementTree as ET
 
-    from ptlab.svgmap import COLOURS
+    from ptlab.svgmap import COLOURS, LABEL, WIDTH
 
-    svg = dumped["tmp"] / "map.svg"
-    code, _ = cli("--dump", str(dumped["path"]), "map", "--svg", str(svg))
+    svg, png = dumped["tmp"] / "map.svg", dumped["tmp"] / "map.png"
+    code, _ = cli("--dump", str(dumped["path"]), "map", "--svg", str(svg), "--png", str(png))
     root = ET.parse(svg).getroot()
     ns = "{http://www.w3.org/2000/svg}"
     texts = {t.text for t in root.iter(f"{ns}text")}
@@ -219,4 +302,12 @@ def test_map_svg_of_real_dump(dumped: Any) -> None:
     assert {"Low Kernel Mapping", "High Kernel Mapping", "Modules", "CPU entry Area"} <= texts
     fills = {r.get("fill") for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None}
     assert COLOURS["rx"] in fills and COLOURS["W+X"] not in fills  # the kernel passed DEBUG_WX
+    w, h, rows = decode_png(png.read_bytes())
+    assert (w, h) == (int(root.get("width")), int(root.get("height")))
+    bars = {"#" + row[x:x + 3].hex() for row in rows[60:]  # the run bars, below the legend
+            for x in range(3 * LABEL, 3 * (WIDTH - 120), 3)}
+    assert COLOURS["rx"] in bars and COLOURS["W+X"] not in bars
+    if os.environ.get("PTLAB_KEEP_MAP"):  # to look at the picture
+        shutil.copyfile(png, os.environ["PTLAB_KEEP_MAP"])
     svg.unlink()
+    png.unlink()

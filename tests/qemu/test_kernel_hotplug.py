@@ -14,9 +14,7 @@ input); everything else is predicted.
 
 from __future__ import annotations
 
-import random
 import sys
-from collections.abc import Callable, Iterator
 
 import pytest
 from ptharness import hotplug_scenarios as hs
@@ -26,18 +24,6 @@ pytestmark = pytest.mark.qemu
 M2 = 1 << 21
 
 
-@pytest.fixture(scope="class")
-def target(request: pytest.FixtureRequest,
-           rng_factory: Callable[[str], random.Random]) -> Iterator[ks.Target]:
-    from ptharness.guest import Guest
-
-    profile = str(request.cls.profile)
-    g = Guest(profile, hotplug=True)
-    g.start()
-    try:
-        yield ks.Target.of(g, rng_factory(f"test_kernel_hotplug:{profile}"))
-    finally:
-        g.close()
 
 
 def show(steps: list[hs.Step]) -> None:
@@ -61,6 +47,7 @@ def check(steps: list[hs.Step]) -> None:
 
 class PcDimmChecks:
     profile: str
+    hotplug = True  # the class's guest gets hotplug slots (tests/qemu/conftest.py target)
 
     def test_pc_dimm_add_online_offline_remove(self, target: ks.Target) -> None:
         removed = hs.x86_pc_dimm(target, 256, ("online_movable",) * 2, remove=True)
@@ -84,6 +71,7 @@ class PcDimmChecks:
 
 class VirtioMemChecks:
     profile: str
+    hotplug = True
 
     def test_virtio_mem_plug_unplug(self, target: ks.Target) -> None:
         steps = hs.arm64_virtio_mem(target)

@@ -26,11 +26,10 @@ attributes) and entry for entry (raw, x86 non-present entries with their inverte
 
 from __future__ import annotations
 
-import random
 import sys
-from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import assert_predicted
 from ptharness import kernel_compare as kc
 from ptharness import kernel_scenarios as ks
 from ptharness import oracle
@@ -46,26 +45,8 @@ def report(name: str, value: float, unit: str) -> None:
     print(f"{name}: {value:.4g} {unit}", file=sys.stderr)
 
 
-@pytest.fixture(scope="class")
-def target(request: pytest.FixtureRequest,
-           rng_factory: Callable[[str], random.Random]) -> Iterator[ks.Target]:
-    """The class's profile booted once; closed when the class is done."""
-    from ptharness.guest import Guest
-
-    profile = str(request.cls.profile)
-    g = Guest(profile)
-    g.start()
-    try:
-        yield ks.Target.of(g, rng_factory(f"test_kernel_scenarios:{profile}"))
-    finally:
-        g.close()
 
 
-def assert_equal(out: ks.Outcome, profile: str) -> None:
-    cmp = out.comparison
-    print(f"differ[{cmp.scenario}/{profile}]: {cmp.differ} pages of {cmp.pages}")
-    assert cmp.pages > 0, f"{cmp.scenario}: nothing compared"
-    assert cmp.equal, cmp.summary()
 
 
 class SecretmemChecks:
@@ -75,8 +56,8 @@ class SecretmemChecks:
     def test_secretmem_predicted(self, target: ks.Target, n: int):
         sm = ks.secretmem(target, n)
         try:
-            assert_equal(sm.per_page, self.profile)
-            assert_equal(sm.batched, self.profile)
+            assert_predicted(sm.per_page, self.profile)
+            assert_predicted(sm.batched, self.profile)
             assert sm.per_page.flushes == n and sm.batched.flushes == 1
             assert sm.per_page.splits == sm.batched.splits
             # table pages: the model allocated one per split, the real kernel as many
@@ -102,7 +83,7 @@ class SecretmemChecks:
                 assert real == ks.meminfo_delta(sm.per_page.splits, target.fmt)
         finally:
             rel = ks.secretmem_release(target, sm)
-        assert_equal(rel, self.profile)
+        assert_predicted(rel, self.profile)
         assert rel.flushes == 0  # a not-present entry is never cached: no flush
         assert rel.tables == 0 and rel.extra["real_tables"] == (0, 0)  # splits stay (6.1)
         gpas = oracle.gva2gpa_many(target.g.hmp, sm.vas).gpas
@@ -141,8 +122,8 @@ class DirectMapChecks:
 class PtiChecks:
     def test_kpti_user_pgd_predicted(self, target: ks.Target):
         user, kernel = ks.kpti_x86(target)
-        assert_equal(user, self.profile)
-        assert_equal(kernel, self.profile)
+        assert_predicted(user, self.profile)
+        assert_predicted(kernel, self.profile)
         lay = user.extra["layout"]
         assert lay.cpu_tss, "no possible CPU"
         assert user.extra["user_entries"] == 0  # init_mm maps no user half
@@ -151,8 +132,8 @@ class PtiChecks:
         """A user process's PGD pair: the user half copied without NX, NX on the kernel's
         copy (pti_set_user_pgtbl), the kernel half as init's."""
         user, kernel = ks.kpti_x86(target, process=True)
-        assert_equal(user, self.profile)
-        assert_equal(kernel, self.profile)
+        assert_predicted(user, self.profile)
+        assert_predicted(kernel, self.profile)
         assert user.extra["user_entries"] >= 1
         assert user.extra["populated"] == user.extra["user_entries"]  # every one had NX
 
@@ -163,7 +144,7 @@ class AsiChecks:
 
         out = asi_scenarios.asi(target)
         x = out.extra
-        assert_equal(out, self.profile)
+        assert_predicted(out, self.profile)
         # the canary: the real root maps it (QEMU's walk, the agent's bytes there), the
         # model's kernel root as well, the nonsensitive root not
         assert x["canary_pattern_ok"]
@@ -194,13 +175,13 @@ class AsiChecks:
         assert x["qemu_real_canary"] == x["canary_pa"] and x["qemu_asi_canary"] is None
         assert set(x["block_asi"]) == {None}  # the canary's whole pageblock is sensitive
         assert x["text_asi"] == x["text_real"] and None not in x["text_real"].values()
-        assert_equal(out, self.profile)
+        assert_predicted(out, self.profile)
 
 
 class KptiChecks:
     def test_kpti_trampoline_predicted(self, target: ks.Target):
         out = ks.kpti_arm64(target)
-        assert_equal(out, self.profile)
+        assert_predicted(out, self.profile)
         assert 1 <= out.comparison.pages <= 3  # entry_tramp_text_size() <= 3 pages
 
 

@@ -114,8 +114,11 @@ def test_bad_output_is_rejected(status, out, problem):
 
 def test_check_reply_knows_every_documented_command():
     documented = {"info", "kread", "secretmem", "mmap", "mprotect", "canary", "release", "list",
-                  "ping", "pin", "memblocks", "online", "offline", "insmod", "serve"}
+                  "ping", "pin", "memblocks", "online", "offline", "insmod", "rmmod", "serve"}
     assert set(agent_reply.REPLIES) == documented
     check_reply("insmod", {"loaded": "/lib/modules/x.ko"})
     with pytest.raises(AgentProtocolError, match="insmod"):
         check_reply("insmod", {"loaded": 1})
+    check_reply("rmmod", {"removed": "qemu_fw_cfg"})
+    with pytest.raises(AgentProtocolError, match="rmmod"):
+        check_reply("rmmod", {"removed": "x", "loaded": "x"})

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="one JSON object")
     mp = cmd("map", "draw the address space: one row per region, runs coloured by "
              "permission, the page-size mix")
-    mp.add_argument("--svg", metavar="FILE", required=True, help="write the picture here")
+    mp.add_argument("--svg", metavar="FILE", help="write the picture here as SVG")
+    mp.add_argument("--png", metavar="FILE", help="write the same picture here as PNG")
     mp.add_argument("--start", metavar="VA", help="first VA (default: all of the format)")
     mp.add_argument("--end", metavar="VA", help="end VA, exclusive")
     c = cmd("check", "security rules: W+X, kernel text writable, data executable, kernel "

@@ -1,0 +1,77 @@
+"""A module's core layout from its sysfs sections, and its load / unload on a model table."""
+
+from __future__ import annotations
+
+import pytest
+from ptlab.alloc import NormalAllocator, PhysPool
+from ptlab.arch import arch_for
+from ptlab.engine import PageTable
+from ptlab.formats.catalog import by_name
+from ptlab.kernel.modules import CoreLayout, ModuleLayoutError, load, unload
+from ptlab.memory.sparse import SparseMemory
+from ptlab.walk import Walker
+
+K4 = 4096
+BASE = 0xFFFF_FFFF_C023_1000
+# qemu_fw_cfg on Debian 6.1.0-57-amd64, /sys/module/qemu_fw_cfg/sections/* (coresize 20480)
+SECTIONS = {
+    ".bss": BASE + 0x3640, ".data": BASE + 0x3020, ".exit.data": BASE + 0x3240,
+    ".exit.text": BASE + 0xD30, ".gnu.linkonce.this_module": BASE + 0x32C0,
+    ".init.data": BASE + 0x11000, ".init.text": BASE + 0x10000, ".note.Linux": BASE + 0x1024,
+    ".note.gnu.build-id": BASE + 0x1000, ".orc_unwind": BASE + 0x14EC,
+    ".orc_unwind_ip": BASE + 0x16D2, ".rodata": BASE + 0x1200, ".rodata.str1.1": BASE + 0x10D0,
+    ".strtab": BASE + 0x12DB0, ".symtab": BASE + 0x12000, ".text": BASE,
+    ".text.unlikely": BASE + 0xD55, "__bug_table": BASE + 0x3000, "__dyndbg": BASE + 0x3248,
+    "__jump_table": BASE + 0x2000, "__mcount_loc": BASE + 0x1060,
+}
+
+
+def test_layout_of_real_sections():
+    lay = CoreLayout.of(SECTIONS, 20480)
+    assert (lay.base, lay.ro, lay.ro_after_init, lay.data, lay.end) == (
+        BASE, BASE + K4, BASE + 2 * K4, BASE + 3 * K4, BASE + 5 * K4)
+    assert lay.guard == BASE + 5 * K4
+    pk = arch_for("x86_64").page_kernel
+    text, ro, roai, data = (lay.attrs(BASE + i * K4, pk) for i in (0, 1, 2, 4))
+    assert text.exec and not text.writable
+    assert not ro.exec and not ro.writable and not roai.writable
+    assert data.writable and not data.exec and data.global_
+    with pytest.raises(ModuleLayoutError, match="outside"):
+        lay.attrs(lay.guard, pk)
+
+
+def test_no_ro_after_init_group():
+    s = {n: a for n, a in SECTIONS.items() if n != "__jump_table"}
+    s = {n: (a - K4 if a >= BASE + 3 * K4 and a < BASE + 0x10000 else a) for n, a in s.items()}
+    lay = CoreLayout.of(s, 16384)
+    assert lay.ro_after_init == lay.data == BASE + 2 * K4
+
+
+@pytest.mark.parametrize("sections, size, problem", [
+    (SECTIONS, 0, "coresize"), (SECTIONS, 1000, "coresize"),
+    ({".data": BASE}, 4096, "no .text"),
+    ({".text": BASE, ".rodata": BASE + K4}, 8192, "lack rodata or data"),
+    ({".text": BASE, ".rodata": BASE + K4, ".data": BASE}, 8192, "out of order"),
+])
+def test_bad_layouts(sections, size, problem):
+    with pytest.raises(ModuleLayoutError, match=problem):
+        CoreLayout.of(sections, size)
+
+
+def test_load_then_unload():
+    fmt = by_name("x86_64-4level")
+    mem = SparseMemory(1 << 34)
+    pt = PageTable(fmt, mem, alloc=NormalAllocator(PhysPool(mem, 1 << 30, 64 << 20)))
+    lay = CoreLayout.of(SECTIONS, 20480)
+    pas = {BASE + i * K4: (0x5000 + 7 * i) * K4 for i in range(5)}  # scattered, as vmalloc
+    pk = arch_for("x86_64").page_kernel
+    assert load(pt, lay, pas.__getitem__, pk) == 5
+    runs = list(Walker(fmt, mem, pt.root, ignore_ad=True).run_table(BASE, BASE + 6 * K4))
+    assert [(r.va, r.pa, r.page_size) for r in runs] == [(v, p, K4) for v, p in pas.items()]
+    assert [(r.attrs.writable, r.attrs.exec) for r in runs] == [
+        (False, True), (False, False), (False, False), (True, False), (True, False)]
+    assert not pt.translate(lay.guard).mapped
+    tables = pt.table_count()
+    unload(pt, lay)
+    assert not list(Walker(fmt, mem, pt.root).run_table(BASE, BASE + 6 * K4))
+    assert pt.table_count() == tables  # vunmap keeps the page tables
