@@ -28,7 +28,8 @@ def run(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_map_svg(tmp_path):
+def small_image(tmp_path) -> tuple[TableBuilder, object]:
+    """A raw image: 4 MiB of RW direct map in 2M pages, one W+X 4K page, 2M of RX text."""
     pk = arch_for(F).page_kernel
     b = TableBuilder(F, base=0x100_0000)
     b.map(DIRECT, 0, 4 << 20, F.normalize(pk), level=1)
@@ -36,6 +37,11 @@ def test_map_svg(tmp_path):
     b.map(TEXT, 0x20_0000, 2 << 20, F.normalize(pk.with_(writable=False, exec=True)), level=1)
     raw = tmp_path / "ram.raw"
     raw.write_bytes(b.mem.read(0, 32 << 20))
+    return b, raw
+
+
+def test_map_svg(tmp_path):
+    b, raw = small_image(tmp_path)
     svg = tmp_path / "map.svg"
     args = ["--raw", str(raw), "--format", F.name, "--root", hex(b.root), "map", "--svg",
             str(svg)]
@@ -79,13 +85,7 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
 def test_map_png_same_picture(tmp_path):
     """``--png`` beside ``--svg``: the PNG decodes to the SVG's size, and the pixel at the
     middle of each run's rectangle in the SVG has the run's permission colour."""
-    pk = arch_for(F).page_kernel
-    b = TableBuilder(F, base=0x100_0000)
-    b.map(DIRECT, 0, 4 << 20, F.normalize(pk), level=1)
-    b.map(DIRECT + (8 << 20), 0x80_0000, 0x1000, F.normalize(pk.with_(exec=True)), level=0)
-    b.map(TEXT, 0x20_0000, 2 << 20, F.normalize(pk.with_(writable=False, exec=True)), level=1)
-    raw = tmp_path / "ram.raw"
-    raw.write_bytes(b.mem.read(0, 32 << 20))
+    b, raw = small_image(tmp_path)
     svg, png = tmp_path / "map.svg", tmp_path / "map.png"
     args = ["--raw", str(raw), "--format", F.name, "--root", hex(b.root), "map"]
     code, out, err = run(*args, "--svg", str(svg), "--png", str(png))
