@@ -146,6 +146,7 @@ class LiveQemu(SpanMemory):
     shared: list[str] = field(default_factory=list)  # backends read in place (path)
     pmemsaves: int = 0
     _ranges: list[_Range] = field(default_factory=list)
+    _starts: list[int] = field(default_factory=list)  # each range's first PA, for find_range
     _maps: list[mmap.mmap] = field(default_factory=list)
     _tmp: str | None = None
     _cache: dict[int, bytes] = field(default_factory=dict)
@@ -161,8 +162,7 @@ class LiveQemu(SpanMemory):
         return any(r.buf is None for r in self._ranges)
 
     def _find(self, pa: int, size: int) -> _Range:
-        return find_range([r.pa for r in self._ranges], self._ranges, pa, size)
-
+        return find_range(self._starts, self._ranges, pa, size)
 
     def read(self, pa: int, size: int) -> bytes:
         r = self._find(pa, size)
@@ -340,5 +340,6 @@ def _describe(live: LiveQemu, copy: bool = False) -> None:
         if buf is not None and off + size > len(buf):
             buf = None
         live._ranges.append(_Range(pa, pa + size, buf, off))
+    live._starts = [r.pa for r in live._ranges]
     if not live._ranges:
         raise QmpError(f"QEMU at {qmp.path} shows no guest RAM in 'info mtree -f'")
