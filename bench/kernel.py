@@ -13,7 +13,15 @@ does the work; tests/qemu/test_kernel_scenarios.py asserts the same results):
   map; its M are later set_memory_* changes of aliases, see the README's findings), and on
   profile x86_64 ``asi`` (M: pages the model's nonsensitive root maps that the real kernel root
   does not, or not the same way) and ``asi_cpu`` (M: probed pages where QEMU's MMU, with
-  the nonsensitive root in CR3, disagrees with the model).
+  the nonsensitive root in CR3, disagrees with the model); from ``rmmod`` then ``insmod``
+  of qemu_fw_cfg (harness/ptharness/module_scenarios.py), ``vmalloc`` (the modules area:
+  the core's vmalloc mapping, its guard page, the init layout's and the core's unmap) and
+  ``set_memory`` (the core's protections and the whole direct/linear map, where the core's
+  and the init layout's aliases change: x86 ``cpa_process_alias``, arm64
+  ``change_memory_common``, ``vm_remove_mappings``).
+* ``differ[secretmem_scattered/PROFILE]`` (x86): one-page secrets placed in separate 2M
+  regions by a 511-page spacer after each, faulted, spacers released, secrets released,
+  every step summed; ``regions[secretmem_scattered/PROFILE]``: the 2M regions they hit.
 * ``flushes[batched_unmap/PROFILE]``: the flushes of the 512-page batch [== 1] (the
   per-page path: ``flushes[secretmem_512/PROFILE]`` [== 512]).
 * ``model_ms[batched_unmap_512/PROFILE]``: model time of that batch [<= 10].
@@ -38,6 +46,8 @@ import hotplug  # bench/hotplug.py: the hotplug scenario's figures
 ALL_PROFILES = ("x86_64", "x86_64-la57", "x86_64-pti", "arm64", "arm64-kpti")
 SIZES = (1, 16, 512)
 ASI_PROFILES = ("x86_64",)  # where asi / asi_cpu are verified (tests/qemu); the CR3 load is x86's
+MODULE = "qemu_fw_cfg"  # loaded by /init, no dependents
+SCATTERED_ARCHES = {"x86_64"}  # arm64's linear map is page-granular: nothing to split
 
 
 def figure(name: str, value: float, unit: str) -> None:
@@ -78,6 +88,12 @@ def bench_profile(profile: str) -> None:
         figure(f"flushes[secretmem_512/{profile}]", faults[-1].flushes, "")
         figure(f"model_ms[batched_unmap_512/{profile}]", batched[-1].model_seconds * 1e3, "ms")
         figure(f"scenario_s[secretmem_512/{profile}]", secs, "s")
+        if t.fmt.arch in SCATTERED_ARCHES:
+            sc = ks.secretmem_scattered(t)
+            differ("secretmem_scattered", profile,
+                   [sc.fault, sc.batched, sc.spacers_released, sc.released])
+            figure(f"regions[secretmem_scattered/{profile}]", len({v >> 21 for v in sc.vas}),
+                   "")
         if g.profile.kpti:
             differ("kpti", profile, ks.kpti(t))
         if profile in ASI_PROFILES:
@@ -87,6 +103,15 @@ def bench_profile(profile: str) -> None:
             differ("asi", profile, [a])
             figure(f"tables[asi/{profile}]", a.extra["asi_tables"], "pages")
             differ("asi_cpu", profile, [asi_scenarios.asi_cpu(t)])
+        from ptharness import module_scenarios as ms
+
+        path = ms.ko_path(t, MODULE)
+        t0 = time.perf_counter()
+        mods = [ms.rmmod(t, MODULE), ms.insmod(t, MODULE, path)]
+        secs = time.perf_counter() - t0
+        differ("vmalloc", profile, mods)
+        differ("set_memory", profile, [o.extra["set_memory"] for o in mods])
+        figure(f"scenario_s[modules/{profile}]", secs, "s")
         dm = ks.direct_map_boot(t)
         differ("direct_map", profile, [dm])
         print(f"# direct_map/{profile}: {sum(d.pages for d in dm.extra['later_cpa'])} pages "

@@ -14,6 +14,7 @@
 #include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -47,6 +48,8 @@
 #define MAX_PAGES 262144          /* 1 GiB of 4 KiB pages per request */
 #define MAX_OBJECTS 4096
 #define MAX_REQUEST 65536
+#define MAX_CLIENTS 32             /* connections the daemon serves at once */
+#define MEM_RESERVE (64 << 20)    /* bytes a new object must leave of MemAvailable */
 #define SERVER_IO_TIMEOUT_S 5
 #define CLIENT_TIMEOUT_S 60
 
@@ -289,12 +292,33 @@ static void drop_object(struct object *ob)
     memset(ob, 0, sizeof *ob);
 }
 
+/* MemAvailable from /proc/meminfo in bytes, or -1. */
+static long long mem_available(void)
+{
+    char buf[4096];
+    if (read_file("/proc/meminfo", buf, sizeof buf) < 0)
+        return -1;
+    const char *p = strstr(buf, "MemAvailable:");
+    unsigned long long kib;
+    if (!p || sscanf(p + 13, "%llu", &kib) != 1)
+        return -1;
+    return (long long)(kib * 1024);
+}
+
+/* A page count for a new held object: 1..MAX_PAGES, and (all of it gets populated) no more
+ * than MemAvailable less MEM_RESERVE, so that a huge N is an ENOMEM reply, not the OOM killer
+ * taking the daemon or sshd. */
 static int get_pages(struct out *o, const char *arg, long *pages)
 {
     unsigned long long n;
     if (parse_u64(arg, &n) || n == 0 || n > MAX_PAGES)
         return fail(o, EINVAL, "page count must be 1..%d, got '%s'", MAX_PAGES,
                     arg ? arg : "");
+    long long avail = mem_available();
+    long long want = (long long)n * page_size();
+    if (avail >= 0 && want > avail - MEM_RESERVE)
+        return fail(o, ENOMEM, "%llu pages (%lld MiB) exceed MemAvailable %lld MiB less a "
+                    "%d MiB reserve", n, want >> 20, avail >> 20, MEM_RESERVE >> 20);
     *pages = (long)n;
     return 0;
 }
@@ -873,77 +897,184 @@ static const char *sock_path(void)
     return p && *p ? p : DEFAULT_SOCK;
 }
 
-static void set_timeouts(int fd, int secs)
-{
-    struct timeval tv = {.tv_sec = secs};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-}
+/* ---- the daemon's event loop: every connection is served from one poll() loop, so a client
+ * that never finishes its request (or never reads its reply) delays nobody; each gets
+ * SERVER_IO_TIMEOUT_S for its request and as long again for its reply. */
 
-static int write_all(int fd, const char *buf, size_t len)
-{
-    while (len) {
-        ssize_t w = write(fd, buf, len);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        buf += w;
-        len -= (size_t)w;
-    }
-    return 0;
-}
+struct client {
+    int fd;                       /* -1: free slot */
+    char *buf;                    /* the request (NUL-terminated), then the reply */
+    size_t len, pos;              /* bytes held / reply bytes written */
+    int replying;
+    int in_eof;                   /* the client shut down its side of the request */
+    long long deadline_ms;        /* CLOCK_MONOTONIC */
+};
 
-/* Read until EOF (at most max-1 bytes); -1 on error, timeout or overflow. */
-static ssize_t read_all(int fd, char *buf, size_t max)
+static long long now_ms(void)
 {
-    size_t n = 0;
-    for (;;) {
-        if (n + 1 >= max) {
-            errno = E2BIG;
-            return -1;
-        }
-        ssize_t r = read(fd, buf + n, max - 1 - n);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN)
-                errno = ETIMEDOUT;
-            return -1;
-        }
-        if (r == 0)
-            break;
-        n += (size_t)r;
-    }
-    buf[n] = 0;
-    return (ssize_t)n;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* Request: each argument NUL-terminated, then EOF (shutdown). Reply: one JSON line, EOF. */
-static void serve_one(int cfd, struct out *o)
+static void run_request(struct out *o, char *req, size_t n)
 {
-    static char req[MAX_REQUEST];
     char *argv[256];
     int argc = 0;
-    set_timeouts(cfd, SERVER_IO_TIMEOUT_S);
-    ssize_t n = read_all(cfd, req, sizeof req);
-    if (n < 0) {
-        fail(o, errno, "reading the request: %s", strerror(errno));
-    } else {
-        for (ssize_t i = 0; i < n && argc < 255;) {
-            argv[argc++] = req + i;
-            i += (ssize_t)strlen(req + i) + 1;
-        }
-        argv[argc] = NULL;
-        const struct command *c = argc ? lookup(argv[0]) : NULL;
-        if (c && !c->held)
-            fail(o, EINVAL, "command '%s' is not served by the daemon", argv[0]);
-        else
-            dispatch(o, argc, argv);
+    for (size_t i = 0; i < n && argc < 255;) {
+        argv[argc++] = req + i;
+        i += strlen(req + i) + 1;
     }
+    argv[argc] = NULL;
+    const struct command *c = argc ? lookup(argv[0]) : NULL;
+    if (c && !c->held)
+        fail(o, EINVAL, "command '%s' is not served by the daemon", argv[0]);
+    else
+        dispatch(o, argc, argv);
+}
+
+/* Turn client ``cl`` to replying with the reply in ``o`` (one line). */
+static void start_reply(struct client *cl, struct out *o)
+{
     jp(o, "\n");
-    write_all(cfd, o->buf, o->len);
+    free(cl->buf);
+    cl->buf = malloc(o->len);
+    if (cl->buf)
+        memcpy(cl->buf, o->buf, o->len);
+    cl->len = cl->buf ? o->len : 0;
+    cl->pos = 0;
+    cl->replying = 1;
+    cl->deadline_ms = now_ms() + SERVER_IO_TIMEOUT_S * 1000;
+}
+
+static void drop_client(struct client *cl)
+{
+    close(cl->fd);
+    free(cl->buf);
+    memset(cl, 0, sizeof *cl);
+    cl->fd = -1;
+}
+
+static void client_read(struct client *cl, struct out *o)
+{
+    if (!cl->buf && !(cl->buf = malloc(MAX_REQUEST))) {
+        fail(o, ENOMEM, "out of memory for the request");
+        start_reply(cl, o);
+        return;
+    }
+    ssize_t r = read(cl->fd, cl->buf + cl->len, MAX_REQUEST - 1 - cl->len);
+    if (r < 0) {
+        if (errno != EINTR && errno != EAGAIN)
+            drop_client(cl);      /* reset by the peer: nobody to answer */
+        return;
+    }
+    cl->len += (size_t)r;
+    if (r == 0) {
+        cl->in_eof = 1;
+        cl->buf[cl->len] = 0;
+        o->len = 0;
+        run_request(o, cl->buf, cl->len);
+        start_reply(cl, o);
+    } else if (cl->len >= MAX_REQUEST - 1) {
+        fail(o, E2BIG, "request longer than %d bytes", MAX_REQUEST - 2);
+        start_reply(cl, o);
+    }
+}
+
+/* Write the reply; read and discard whatever the client still sends (a request cut short
+ * by E2BIG or the timeout: closing with unread bytes would reset the connection before the
+ * client has read its reply). Done once the reply is out and the client's side is shut. */
+static void client_write(struct client *cl, short revents)
+{
+    if ((revents & POLLOUT) && cl->pos < cl->len) {
+        ssize_t w = write(cl->fd, cl->buf + cl->pos, cl->len - cl->pos);
+        if (w < 0 && errno != EINTR && errno != EAGAIN) {
+            drop_client(cl);
+            return;
+        }
+        if (w > 0 && (cl->pos += (size_t)w) == cl->len)
+            shutdown(cl->fd, SHUT_WR);
+    }
+    if ((revents & (POLLIN | POLLHUP | POLLERR)) && !cl->in_eof) {
+        char sink[4096];
+        ssize_t r = read(cl->fd, sink, sizeof sink);
+        if (r == 0 || (r < 0 && errno != EINTR && errno != EAGAIN))
+            cl->in_eof = 1;
+    }
+    if (cl->pos == cl->len && cl->in_eof)
+        drop_client(cl);
+}
+
+static void serve_loop(int lfd)
+{
+    static struct client clients[MAX_CLIENTS];
+    struct pollfd pfd[MAX_CLIENTS + 1];
+    struct out o = {0};
+    for (int i = 0; i < MAX_CLIENTS; i++)
+        clients[i].fd = -1;
+    for (;;) {
+        long long now = now_ms(), wait = -1;
+        int free_slot = -1;
+        for (int i = 0; i < MAX_CLIENTS; i++) {
+            struct client *cl = &clients[i];
+            if (cl->fd >= 0 && now >= cl->deadline_ms) {
+                if (cl->replying) {
+                    drop_client(cl);  /* the client does not read its reply or hang up */
+                } else {
+                    fail(&o, ETIMEDOUT, "no complete request within %d s (arguments "
+                         "NUL-terminated, then shutdown)", SERVER_IO_TIMEOUT_S);
+                    start_reply(cl, &o);
+                }
+            }
+            pfd[i + 1].fd = cl->fd;
+            pfd[i + 1].events = (short)((cl->replying && cl->pos < cl->len ? POLLOUT : 0) |
+                                        (cl->in_eof ? 0 : POLLIN));
+            pfd[i + 1].revents = 0;
+            if (cl->fd < 0 && free_slot < 0)
+                free_slot = i;
+            if (cl->fd >= 0 && (wait < 0 || cl->deadline_ms - now < wait))
+                wait = cl->deadline_ms - now;
+        }
+        pfd[0].fd = lfd;
+        pfd[0].events = POLLIN;
+        pfd[0].revents = 0;
+        if (poll(pfd, MAX_CLIENTS + 1, (int)(wait < 0 ? -1 : wait + 1)) < 0) {
+            if (errno != EINTR)
+                sleep(1);
+            continue;
+        }
+        for (int i = 0; i < MAX_CLIENTS; i++) {
+            struct client *cl = &clients[i];
+            if (cl->fd < 0 || !pfd[i + 1].revents)
+                continue;
+            if (cl->replying)
+                client_write(cl, pfd[i + 1].revents);
+            else
+                client_read(cl, &o);
+        }
+        if (pfd[0].revents & POLLIN) {
+            int cfd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+            if (cfd < 0)
+                continue;
+            if (free_slot < 0) {
+                char sink[4096];
+                fail(&o, EBUSY, "the agent daemon serves %d clients already", MAX_CLIENTS);
+                jp(&o, "\n");
+                if (write(cfd, o.buf, o.len) < 0) {
+                    /* nothing more to do for this client */
+                }
+                /* drop what already arrived: closing on unread bytes resets the connection
+                 * before the client has read the reply */
+                while (recv(cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {
+                }
+                close(cfd);
+                continue;
+            }
+            clients[free_slot].fd = cfd;
+            clients[free_slot].deadline_ms = now_ms() + SERVER_IO_TIMEOUT_S * 1000;
+        }
+    }
 }
 
 static int cmd_serve(int argc, char **argv)
@@ -1006,54 +1137,103 @@ static int cmd_serve(int argc, char **argv)
                 close(nul);
         }
     }
-    for (;;) {
-        int cfd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-        if (cfd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
-                continue;
-            sleep(1);
-            continue;
-        }
-        serve_one(cfd, &o);
-        close(cfd);
-    }
+    serve_loop(lfd);
 error:
     jp(&o, "\n");
     fputs(o.buf, stdout);
     return 1;
 }
 
-static int forward(int argc, char **argv)
+/* Send a request to the daemon and print its reply. The request is ``req`` (``len`` bytes)
+ * or, if ``in_fd`` >= 0, whatever that descriptor yields until EOF (`ptagent raw`). The
+ * daemon may answer before the request is complete (too long, too slow): sending then stops
+ * and its reply is printed. Exit status 0 for a success reply, 1 for an error reply. */
+static int talk(const char *req, size_t len, int in_fd)
 {
     struct out o = {0};
     const char *path = sock_path();
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    static char reply[1 << 24];
+    static char reply[1 << 24], chunk[1 << 16];
+    size_t off = 0, clen = 0, cpos = 0, n = 0;
+    int sending = 1;
+    signal(SIGPIPE, SIG_IGN);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || strlen(path) >= sizeof sa.sun_path) {
         fail(&o, fd < 0 ? errno : ENAMETOOLONG, "socket: %s", strerror(errno));
         goto print;
     }
     strcpy(sa.sun_path, path);
-    set_timeouts(fd, CLIENT_TIMEOUT_S);
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa)) {
         fail(&o, errno, "agent daemon not reachable at %s: %s (is `ptagent serve` running?)",
              path, strerror(errno));
         goto print;
     }
-    for (int i = 1; i < argc; i++)
-        if (write_all(fd, argv[i], strlen(argv[i]) + 1)) {
-            fail(&o, errno, "sending the request: %s", strerror(errno));
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    long long deadline = now_ms() + CLIENT_TIMEOUT_S * 1000;
+    for (;;) {
+        if (sending && in_fd < 0 && off == len) {
+            sending = 0;
+            shutdown(fd, SHUT_WR);
+        }
+        int from_in = sending && in_fd >= 0 && cpos == clen;
+        struct pollfd p[2] = {
+            {.fd = fd, .events = POLLIN | (sending && !from_in ? POLLOUT : 0)},
+            {.fd = in_fd, .events = POLLIN},
+        };
+        long long left = deadline - now_ms();
+        if (left <= 0) {
+            fail(&o, ETIMEDOUT, "no reply from the agent daemon within %d s", CLIENT_TIMEOUT_S);
             goto print;
         }
-    shutdown(fd, SHUT_WR);
-    ssize_t n = read_all(fd, reply, sizeof reply);
-    if (n < 0) {
-        fail(&o, errno, "reading the daemon's reply: %s", strerror(errno));
-        goto print;
+        if (poll(p, from_in ? 2 : 1, (int)left) < 0) {
+            if (errno == EINTR)
+                continue;
+            fail(&o, errno, "poll: %s", strerror(errno));
+            goto print;
+        }
+        if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            if (n + 1 >= sizeof reply) {
+                fail(&o, E2BIG, "reply from the agent daemon too long");
+                goto print;
+            }
+            ssize_t r = read(fd, reply + n, sizeof reply - 1 - n);
+            if (r == 0 || (r < 0 && errno == ECONNRESET && n && reply[n - 1] == '\n'))
+                break;    /* EOF, or a reset after the whole reply line */
+            if (r < 0 && errno != EAGAIN && errno != EINTR) {
+                fail(&o, errno, "reading the daemon's reply: %s", strerror(errno));
+                goto print;
+            }
+            if (r > 0) {
+                n += (size_t)r;
+                continue;
+            }
+        }
+        if (from_in && p[1].revents) {
+            ssize_t r = read(in_fd, chunk, sizeof chunk);
+            if (r < 0 && (errno == EINTR || errno == EAGAIN))
+                continue;
+            if (r <= 0) {
+                sending = 0;
+                shutdown(fd, SHUT_WR);
+            } else {
+                clen = (size_t)r;
+                cpos = 0;
+            }
+        } else if (sending && !from_in && (p[0].revents & POLLOUT)) {
+            const char *b = in_fd >= 0 ? chunk + cpos : req + off;
+            size_t blen = in_fd >= 0 ? clen - cpos : len - off;
+            ssize_t w = write(fd, b, blen);
+            if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                sending = 0;      /* the daemon stopped reading: its reply says why */
+                shutdown(fd, SHUT_WR);
+            } else if (w > 0) {
+                *(in_fd >= 0 ? &cpos : &off) += (size_t)w;
+            }
+        }
     }
-    if (n == 0 || reply[n - 1] != '\n') {
-        fail(&o, EPROTO, "truncated reply from the agent daemon");
+    reply[n] = 0;
+    if (n == 0 || reply[n - 1] != '\n' || memchr(reply, '\n', n) != reply + n - 1) {
+        fail(&o, EPROTO, "truncated or malformed reply from the agent daemon");
         goto print;
     }
     close(fd);
@@ -1067,6 +1247,26 @@ print:
     return 1;
 }
 
+/* A held command: its arguments, each NUL-terminated, are the request. */
+static int forward(int argc, char **argv)
+{
+    size_t len = 0;
+    for (int i = 1; i < argc; i++)
+        len += strlen(argv[i]) + 1;
+    char *req = malloc(len + 1);
+    if (!req) {
+        puts("{\"error\": \"out of memory\", \"errno\": 12}");
+        return 1;
+    }
+    size_t off = 0;
+    for (int i = 1; i < argc; i++) {
+        size_t l = strlen(argv[i]) + 1;
+        memcpy(req + off, argv[i], l);
+        off += l;
+    }
+    return talk(req, len, -1);
+}
+
 int main(int argc, char **argv)
 {
     struct out o = {0};
@@ -1077,6 +1277,10 @@ int main(int argc, char **argv)
         fail(&o, EINVAL, "usage: ptagent CMD [ARGS...] (commands: see PROTOCOL.md)");
     } else if (!strcmp(argv[1], "serve")) {
         return cmd_serve(argc, argv);
+    } else if (!strcmp(argv[1], "raw")) {
+        if (argc == 2)
+            return talk(NULL, 0, 0);
+        fail(&o, EINVAL, "usage: ptagent raw (the request on stdin)");
     } else {
         const struct command *c = lookup(argv[1]);
         if (c && c->held)

@@ -10,18 +10,18 @@ as soon as they are mapped). A watchdog thread notices a QEMU exit or a kernel p
 and aborts any SSH command in flight; every wait is bounded and every failure is a
 :class:`GuestError` carrying the console's last lines. QEMU is killed and reaped and the run
 directory removed on exit, on errors in ``__enter__``, on KeyboardInterrupt, and (failing all
-else) at garbage collection; PR_SET_PDEATHSIG kills QEMU if the harness process dies (for
-guests started from the main thread), and the next Guest sweeps run directories whose owner
-process is gone.
+else) at garbage collection; if the harness process dies (SIGKILL), PR_SET_PDEATHSIG kills
+QEMU (guests started from the main thread) and the run directory's reaper
+(:mod:`ptharness.reaper`) kills whatever names the directory and removes it; the next Guest
+still sweeps run directories whose owner process is gone.
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -38,6 +38,7 @@ from .errors import GuestError
 from .guest_hotplug import HotplugMixin
 from .guest_roots import RootsMixin
 from .guestmem import PmemsaveRAM, SharedRAM
+from .leaks import exiting, kill_naming
 from .profiles import (
     VIRTIO_MEM_BACKEND,
     VIRTIO_MEM_ID,
@@ -48,9 +49,23 @@ from .profiles import (
     qemu_command,
 )
 from .qmp import Monitor, MonitorError, parse_mtree_ram
+from .ramsnap import RamSnapshot, qemu_fd_of, ram_roms, rings_hit_roms, vring_ranges
+from .reaper import Reaper, die_with_parent
+from .reaper import stop as stop_reaper
+from .reaper import watch as watch_rundir
 from .ssh import Session, SshError, generate_key, key_param
 
 READY_MARK = b"PTLAB-READY"
+# Console lines of guest/ptinit.c the watchdog timestamps (Guest.timings, seconds since QEMU
+# start): /init's first line, PTLAB-READY (dropbear listens, the agent daemon runs), and the
+# end of the background module loads (virtio_mem, qemu_fw_cfg), which start() waits for.
+BOOT_MARKS = {
+    "init": b"ptlab-init: running /init",
+    "ready": READY_MARK,
+    "late_modules": b"ptlab-init: late modules loaded",
+}
+BOOT_POLL_S = 0.01  # serial log polling until the last boot mark (timing resolution)
+WATCH_POLL_S = 0.05  # afterwards
 PANIC_MARKS = (b"Kernel panic - not syncing", b"---[ end Kernel panic")
 AGENT = "/bin/ptagent"
 PORT_ATTEMPTS = 6
@@ -83,6 +98,7 @@ def sweep_stale_rundirs(base: str | None) -> list[Path]:
             pass
         except PermissionError:
             continue  # someone else's live process
+        kill_naming(d)  # a QEMU that outlived its owner (no reaper, no PDEATHSIG)
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
     return removed
@@ -95,22 +111,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class _Resources:
     """What must be released even if the Guest object is lost: the process and the run dir."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.rundir: Path | None = None
+        self.reaper: Reaper | None = None  # cleans up if this process dies (ptharness.reaper)
 
     def release(self) -> None:
+        reaper, self.reaper = self.reaper, None
+        stop_reaper(reaper)
         proc, self.proc = self.proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -170,12 +181,16 @@ class Guest(RootsMixin, HotplugMixin):
         self._dimm_seq = 0
         self._stop_watch = threading.Event()
         self._changed = threading.Event()
-        self._ready = False
+        self._t0 = 0.0  # time.monotonic() at QEMU start
+        self._marks: dict[str, float] = {}  # BOOT_MARKS seen: name -> seconds since QEMU start
         self._dead: str | None = None
         self._watch: threading.Thread | None = None
         self._key: Any = None
         self._gdb_regs: dict[str, Any] | None = None
         self._checkpointed = False
+        self._checkpoint_running = True
+        self._ram_snaps: list[tuple[str, RamSnapshot]] = []
+        self.checkpoint_fast = False  # the last checkpoint left RAM to the harness
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> Guest:
@@ -217,10 +232,11 @@ class Guest(RootsMixin, HotplugMixin):
         self._res.rundir = Path(tempfile.mkdtemp(prefix="ptlab-", dir=run_base()))
         os.chmod(self._res.rundir, 0o700)
         (self._res.rundir / OWNER_FILE).write_text(str(os.getpid()))
+        self._res.reaper = watch_rundir(self._res.rundir)
         self._paths = paths = RunPaths(self._res.rundir)
         key, pub = generate_key()
         self._key = key
-        t0 = time.monotonic()
+        self._t0 = t0 = time.monotonic()
         deadline = t0 + self.boot_timeout
         self._launch(paths, kernel, Path(image.initrd), key_param(pub), deadline)
         self.timings["qmp"] = time.monotonic() - t0
@@ -228,7 +244,7 @@ class Guest(RootsMixin, HotplugMixin):
         self._watch = threading.Thread(target=self._watchdog, name="ptlab-watchdog", daemon=True)
         self._watch.start()
         self._wait_ready(deadline)
-        self.timings["ready"] = time.monotonic() - t0
+        self.timings.update((k, self._marks[k]) for k in ("init", "ready") if k in self._marks)
         assert self.ssh_port is not None
         try:
             self._session = Session.connect(
@@ -236,7 +252,9 @@ class Guest(RootsMixin, HotplugMixin):
                 alive=lambda: self._dead is None,
             )
         except SshError as e:
-            raise self._error(f"SSH: {e}") from None
+            if self._dead is None:
+                time.sleep(0.2)  # a dying QEMU: let the watchdog name the cause
+            raise self._error(f"SSH: {self._dead or e}") from None
         self.timings["ssh"] = time.monotonic() - t0
         # `ping` proves the agent answers (~0.1 s); `info` (~1 s: it scans kallsyms) is fetched
         # when first needed, see :attr:`info`.
@@ -246,6 +264,8 @@ class Guest(RootsMixin, HotplugMixin):
         # then needs no SSH.
         self.vmcoreinfo()
         self.timings["vmcoreinfo"] = time.monotonic() - t0
+        self._wait_mark("late_modules", deadline)  # normally long done by now
+        self.timings["late_modules"] = self._marks["late_modules"]
 
     def _launch(self, paths: RunPaths, kernel: Path, initrd: Path, key_b64: str,
                 deadline: float) -> None:
@@ -266,9 +286,10 @@ class Guest(RootsMixin, HotplugMixin):
                     self._res.proc = subprocess.Popen(
                         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                         start_new_session=True,
-                        # PDEATHSIG fires when the forking *thread* exits: main thread only.
-                        preexec_fn=_die_with_parent if threading.current_thread()
-                        is threading.main_thread() else None,
+                        # PDEATHSIG fires when the forking *thread* exits: main thread only
+                        # (elsewhere the run directory's reaper kills QEMU).
+                        preexec_fn=functools.partial(die_with_parent, os.getpid())
+                        if threading.current_thread() is threading.main_thread() else None,
                     )
                 except OSError as e:
                     raise GuestError(f"cannot start {argv[0]}: {e}") from None
@@ -309,6 +330,7 @@ class Guest(RootsMixin, HotplugMixin):
         """Watch the QEMU process and the serial log until close()."""
         assert self._paths is not None and self._res.proc is not None
         proc, pos, tail = self._res.proc, 0, b""
+        pending = dict(BOOT_MARKS)
         while not self._stop_watch.is_set():
             try:
                 with open(self._paths.serial, "rb") as f:
@@ -319,9 +341,11 @@ class Guest(RootsMixin, HotplugMixin):
             if data:
                 pos += len(data)
                 window = tail + data
-                if not self._ready and READY_MARK in window:
-                    self._ready = True
-                    self._changed.set()
+                for name, mark in list(pending.items()):
+                    if mark in window:
+                        self._marks[name] = time.monotonic() - self._t0
+                        del pending[name]
+                        self._changed.set()
                 if any(m in window for m in PANIC_MARKS):
                     time.sleep(0.1)  # let the rest of the panic message land
                     self._fail(self._panic_line())
@@ -332,7 +356,7 @@ class Guest(RootsMixin, HotplugMixin):
                 time.sleep(0.05)  # let the last console bytes land before reporting
                 self._fail(f"QEMU exited with status {rc}")
                 return
-            self._stop_watch.wait(0.05)
+            self._stop_watch.wait(BOOT_POLL_S if pending else WATCH_POLL_S)
 
     def _panic_line(self) -> str:
         for line in reversed(self.console_tail(400).splitlines()):
@@ -352,12 +376,17 @@ class Guest(RootsMixin, HotplugMixin):
                 pass
 
     def _wait_ready(self, deadline: float) -> None:
-        while not self._ready:
+        self._wait_mark("ready", deadline)
+
+    def _wait_mark(self, name: str, deadline: float) -> None:
+        """Wait until the watchdog has seen the console line BOOT_MARKS[name]."""
+        while name not in self._marks:
             if self._dead is not None:
                 raise self._error(f"boot failed: {self._dead}")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise self._error(f"no {READY_MARK.decode()} within {self.boot_timeout:g} s")
+                raise self._error(f"no {BOOT_MARKS[name].decode()!r} on the console within "
+                                  f"{self.boot_timeout:g} s")
             self._changed.wait(min(left, 0.5))
             self._changed.clear()
 
@@ -433,7 +462,8 @@ class Guest(RootsMixin, HotplugMixin):
         try:
             return self._monitor.cmd(cmd, **args)
         except MonitorError:
-            if not self.alive or self._res.proc is None or self._res.proc.poll() is not None:
+            proc = self._res.proc
+            if not self.alive or proc is None or proc.poll() is not None or exiting(proc.pid):
                 self._fail("QEMU exited")
                 raise self._error(f"QMP {cmd}: QEMU is gone") from None
             raise
@@ -441,6 +471,18 @@ class Guest(RootsMixin, HotplugMixin):
     def hmp(self, cmd: str) -> str:
         """Run a human-monitor command, return its text."""
         return str(self.qmp("human-monitor-command", command_line=cmd))
+
+    def hmp_many(self, cmds: list[str]) -> list[str]:
+        """Run many HMP commands pipelined over QMP; their texts in order."""
+        self._check_alive()
+        assert self._monitor is not None
+        try:
+            return self._monitor.hmp_many(cmds)
+        except MonitorError:
+            if self._res.proc is None or self._res.proc.poll() is not None:
+                self._fail("QEMU exited")
+                raise self._error("HMP commands: QEMU is gone") from None
+            raise
 
     def stop(self) -> None:
         """Pause the vCPUs (memory and registers are then stable)."""
@@ -454,12 +496,25 @@ class Guest(RootsMixin, HotplugMixin):
         return bool(self.qmp("query-status")["running"])
 
     # ----------------------------------------------------------------- fast reset
-    def checkpoint(self) -> None:
-        """Save the whole VM (RAM, devices, CPU) as snapshot "ptlab" for :meth:`reset`.
+    def _ram_files(self) -> list[tuple[str, Path, int]]:
+        """(backend id, path at boot, size) of each RAM file QEMU shares with the harness."""
+        assert self._paths is not None
+        files = [("ram0", self._paths.ram, self.mem_mb << 20)]
+        if self.hotplug and self.profile.board.hotplug == "virtio-mem":
+            files.append((VIRTIO_MEM_BACKEND, self._paths.backend(VIRTIO_MEM_BACKEND),
+                          VIRTIO_MEM_MB << 20))
+        return files
 
-        Takes ~2.5 s once (x86, 1 GiB); the state goes into a qcow2 file in the run directory.
-        """
+    def checkpoint(self) -> None:
+        """Save the VM as it is now for :meth:`reset`: devices and CPUs by ``savevm`` into a
+        qcow2 in the run directory, with ``x-ignore-shared`` so that QEMU skips the shared RAM
+        files, and the RAM files' data extents copied by the harness (:mod:`.ramsnap`) in the
+        same stop. If a virtqueue lies in RAM that a ROM blob covers (see :mod:`.ramsnap`),
+        QEMU saves the RAM too (slower; :attr:`checkpoint_fast` False). Not with hotplugged
+        DIMMs (their backends come and go)."""
         self._check_alive()
+        if self._dimms:
+            raise GuestError("checkpoint() with hotplugged DIMMs is not supported")
         image = self.rundir / "vmstate.qcow2"
         if not image.exists():
             try:
@@ -470,23 +525,78 @@ class Guest(RootsMixin, HotplugMixin):
             out = self.hmp(f"drive_add 0 if=none,id=vmstate,file={image},format=qcow2")
             if "OK" not in out:
                 raise self._error(f"drive_add for snapshots failed: {out.strip()}")
-        out = self.hmp("savevm ptlab")
-        if out.strip():
-            raise self._error(f"savevm failed: {out.strip()}")
+        running = self.running
+        if running:
+            self.stop()
+        try:
+            fast = not rings_hit_roms(self._vrings(), ram_roms(self.hmp("info roms")))
+            self.qmp("migrate-set-capabilities",
+                     capabilities=[{"capability": "x-ignore-shared", "state": fast}])
+            out = self.hmp("savevm ptlab")
+            if out.strip():
+                raise self._error(f"savevm failed: {out.strip()}")
+            assert self.pid is not None
+            try:
+                self._ram_snaps = [(name, RamSnapshot.take(qemu_fd_of(self.pid, path), size))
+                                   for name, path, size in self._ram_files()] if fast else []
+            except OSError as e:
+                raise self._error(f"cannot copy guest RAM: {e}") from None
+        finally:
+            if running:
+                self.cont()
+        self._checkpoint_running = running
         self._checkpointed = True
+        self.checkpoint_fast = fast
+
+    def _vrings(self) -> list[tuple[int, int]]:
+        """Guest-physical ranges of every virtqueue's rings (QMP x-query-virtio*)."""
+        rings: list[tuple[int, int]] = []
+        for dev in self.qmp("x-query-virtio"):
+            nvqs = int(self.qmp("x-query-virtio-status", path=dev["path"]).get("num-vqs", 0))
+            for q in range(nvqs):
+                rings += vring_ranges(self.qmp("x-query-virtio-queue-status",
+                                               path=dev["path"], queue=q))
+        return rings
+
+    def _restore_ram(self) -> None:
+        try:
+            for name, snap in self._ram_snaps:
+                snap.restore(self.memory.backend_map(name))
+        except OSError as e:
+            raise self._error(f"cannot restore guest RAM: {e}") from None
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """Bytes of guest RAM the last checkpoint holds (the files' data extents)."""
+        return sum(s.nbytes for _, s in self._ram_snaps)
 
     def reset(self) -> None:
-        """Return to the last :meth:`checkpoint` (~0.5 s instead of a ~4 s reboot): loadvm and
-        reconnect SSH. The device set must be the one checkpointed (no hotplug in between)."""
+        """Return to the last :meth:`checkpoint`: ``loadvm`` (devices, CPUs), the RAM files
+        rewritten where they changed, then a new SSH session (the old one's TCP state went
+        back in time with the guest). The device set must be the one checkpointed."""
         if not self._checkpointed:
             raise GuestError("reset() needs a checkpoint() first")
         self._check_alive()
-        out = self.hmp("loadvm ptlab")
+        if self._dimms:
+            raise GuestError("reset() with hotplugged DIMMs is not supported")
+        if self.running:
+            self.stop()
+        # RAM before loadvm (virtio's post_load checks its rings in guest RAM) and again
+        # after it: its machine reset rewrites ROM blobs that live in RAM (rom_reset: arm64's
+        # -kernel Image, initrd and DTB). loadvm's CPU post_load flushes every translated
+        # block (cpu_common_post_load), and the VM stays stopped until the RAM is back.
+        self._restore_ram()  # (nothing to do after a checkpoint with RAM)
+        out = self.hmp("loadvm ptlab")  # leaves a stopped VM stopped
         if out.strip():
             raise self._error(f"loadvm failed: {out.strip()}")
-        assert self._session is not None and self.ssh_port is not None
-        self._session.abort()  # its TCP state went back in time with the guest
-        self._session = None
+        self._restore_ram()
+        if self._session is not None:
+            self._session.abort()
+            self._session = None
+        if not self._checkpoint_running:
+            return
+        self.cont()
+        assert self.ssh_port is not None
         try:
             self._session = Session.connect(
                 self.ssh_port, self._key, self.image.host_key_pub,

@@ -89,6 +89,10 @@ class SharedRAM(SpanMemory):
     def backends(self) -> list[str]:
         return list(self._maps)
 
+    def backend_map(self, name: str) -> mmap.mmap:
+        """The shared mapping of backend ``name`` (whole file, file offsets)."""
+        return self._maps[name]
+
     def _find(self, pa: int, size: int) -> Region:
         return find_range(self._starts, self._regions, pa, size)
 

@@ -27,6 +27,7 @@ from .kernel_compare import (
     walk_runs,
 )
 from .kernel_scenarios import Target, new_tables
+from .profiles import kernel_series
 from .scenarios import ScenarioError
 
 BLOCK = 128 << 20  # memory_block_size_bytes() of these guests (x86 and arm64, 1G RAM)
@@ -235,7 +236,9 @@ def arm64_virtio_mem(t: Target, size_mb: int = 256) -> list[Step]:
     cost = arm64_arch_add_memory(pt, linear, start, end - start, prot,
                                  can_set_direct_map=True, vmemmap=vmemmap,
                                  blocks=_blocks(real, vmemmap, start, end),
-                                 vmemmap_prot=arm64_vmemmap_prot(g.profile.kpti))
+                                 vmemmap_prot=arm64_vmemmap_prot(
+                                     g.profile.kpti,
+                                     kernel_series(g.image.kernel_version) != "6.1"))
     steps = [Step(f"virtio-mem plug {size_mb}M",
                   *_compare(t, "virtio-mem plug", win, pt.mem, added, real, vmemmap, start, end),
                   cost, new_tables(before, added), {"start": start, "vmemmap": vmemmap})]
@@ -265,13 +268,14 @@ def x86_hotplug(t: Target) -> list[Step]:
     return [*x86_pc_dimm(t, 256, ("online_movable",) * 2, remove=True), *x86_pc_dimm(t)]
 
 
-def arm64_vmemmap_prot(kpti: bool) -> Any:
+def arm64_vmemmap_prot(kpti: bool, write: bool = False) -> Any:
     """PROT_SECT_NORMAL (arch/arm64/include/asm/pgtable-prot.h 6.1): PROT_SECT_DEFAULT
     (AF, SH inner, PMD_MAYBE_NG: nG with kpti) | PXN | UXN | MT_NORMAL — no PTE_WRITE (DBM),
-    no PTE_DIRTY."""
+    no PTE_DIRTY. ``write``: 6.12's vmemmap blocks carry PTE_WRITE too (seen on the real
+    guest: bit 51 set in every vmemmap pmd)."""
     from ptlab.arch import arm64
 
-    return arm64.PAGE_KERNEL.with_(dbm=False, dirty=False, global_=not kpti, cache=0)
+    return arm64.PAGE_KERNEL.with_(dbm=write, dirty=False, global_=not kpti, cache=0)
 
 
 HOTPLUG = {"pc-dimm": x86_hotplug, "virtio-mem": arm64_virtio_mem}  # board.hotplug -> scenario

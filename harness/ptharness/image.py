@@ -29,7 +29,7 @@ from pathlib import Path
 from ptharness.image_cpio import NewcWriter
 from ptharness.image_debs import AptArch, Package, PackageError, extract, host_versions
 from ptharness.image_elf import ElfError, library_closure, vmlinux_from_bzimage
-from ptharness.image_modules import ModuleError, ModuleTree, read_ko
+from ptharness.image_modules import ModuleError, ModuleTree, read_ko, strip_signature
 from ptharness.profiles import KERNELS, get_kernel, select_profiles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,6 +90,19 @@ def cache_root() -> Path:
 def _list_file(path: Path) -> list[str]:
     return [ln.split("#")[0].strip() for ln in path.read_text().splitlines()
             if ln.split("#")[0].strip()]
+
+
+def module_lists(path: Path) -> tuple[list[str], list[str]]:
+    """(early, late) module names of a modules-<arch>.txt: /init loads the early ones before
+    SSH starts, the ``late`` ones after PTLAB-READY, in the background."""
+    early: list[str] = []
+    late: list[str] = []
+    for entry in _list_file(path):
+        name, *flags = entry.split()
+        if flags not in ([], ["late"]):
+            raise ImageError(f"{path.name}: bad entry {entry!r} (NAME or NAME late)")
+        (late if flags else early).append(name)
+    return early, late
 
 
 def recipe_hash(arch: str) -> str:
@@ -352,8 +365,11 @@ class _Tree:
 def _initramfs(out: Path, *, recipe: ArchRecipe, userland: Path, agent: Path, host_key: Path,
                kernel_tree: Path, kver: str, progress: Progress) -> int:
     modules = ModuleTree(kernel_tree / "lib" / "modules" / kver)
-    order = modules.load_order(_list_file(IMAGES / f"modules-{recipe.arch}.txt"))
-    progress(f"initramfs: modules in load order: {' '.join(m.name for m in order)}")
+    early, late = module_lists(IMAGES / f"modules-{recipe.arch}.txt")
+    order = modules.load_order(early)
+    late_order = modules.load_order(early + late)[len(order):]
+    progress(f"initramfs: modules in load order: {' '.join(m.name for m in order)}"
+             f" (late: {' '.join(m.name for m in late_order)})")
     dropbear = userland / "usr/sbin/dropbear"
     busybox = userland / "bin/busybox"
     for f in (dropbear, busybox):
@@ -390,8 +406,10 @@ def _initramfs(out: Path, *, recipe: ArchRecipe, userland: Path, agent: Path, ho
         t.file("etc/dropbear/host_key", host_key.read_bytes(), 0o600)
         t.file("etc/ptlab/kernel_version", f"{kver}\n".encode())
         t.file("etc/ptlab/modules", "".join(f"{m.relpath}\n" for m in order).encode())
-        for m in order:
-            t.file(f"lib/modules/{kver}/{m.relpath}", read_ko(m.path))
+        t.file("etc/ptlab/modules.late",
+               "".join(f"{m.relpath}\n" for m in late_order).encode())
+        for m in order + late_order:
+            t.file(f"lib/modules/{kver}/{m.relpath}", strip_signature(read_ko(m.path)))
         w.close()
     return out.stat().st_size
 

@@ -32,12 +32,13 @@ from .kernel_compare import (
     model_table,
     walk_runs,
 )
+from .profiles import kernel_series
 
 X86_CR3_PGD_MASK = 0x000F_FFFF_FFFF_F000  # CR3 without the PCID (bits 11:0)
 
-__all__ = ["Comparison", "Outcome", "Secretmem", "Target", "direct_map_boot", "iomem_resources",
-           "kpti", "kpti_arm64", "kpti_x86", "meminfo_delta", "new_tables", "pti_layout",
-           "secretmem", "secretmem_release"]
+__all__ = ["Comparison", "Outcome", "Scattered", "Secretmem", "Target", "direct_map_boot",
+           "iomem_resources", "kpti", "kpti_arm64", "kpti_x86", "meminfo_delta", "new_tables",
+           "pti_layout", "secretmem", "secretmem_release", "secretmem_scattered"]
 
 
 # --- a booted guest, stopped ---------------------------------------------------------------------
@@ -193,6 +194,71 @@ def secretmem_release(t: Target, sm: Secretmem) -> Outcome:
     out = _predict(t, sm.after, after, after_runs, f"release {len(sm.vas)}", restore, sm.vas)
     out.extra["real_tables"] = new_tables(sm.after, after)
     return out
+
+
+@dataclass
+class Scattered:
+    """Secret pages spread over many 2M regions (:func:`secretmem_scattered`): each step
+    the real kernel took, and the model's prediction of it."""
+
+    vas: list[int]  # the one-page secrets, about 2 MiB apart
+    spacers: list[int]  # the spacers' pages
+    fault: Outcome  # every page faulted (per-page in the kernel), model: remove_per_page
+    batched: Outcome  # the same, model: remove_batched
+    spacers_released: Outcome  # model: restore of the spacers' pages
+    released: Outcome  # the scattered secrets released, model: restore of them
+
+
+def secretmem_scattered(t: Target, n: int = 4, spacer: int = 511) -> Scattered:
+    """Real: ``n`` times ``ptagent secretmem 1`` then ``secretmem spacer`` (same
+    unmovable free lists, so the spacer's pages follow the secret page and the next
+    secret page lands about 1 + spacer pages further: one per 2 MiB region with 511);
+    then the spacers are released, leaving ``n`` scattered non-present pages in split
+    regions; then those. Each step is predicted on the tables the previous one left
+    (secretmem's ``remove_per_page`` / ``remove_batched``, ``restore``). ``n`` = 4: the
+    agent daemon fails beyond 8 MiB of secretmem held (a malformed reply; to be fixed in
+    guest/ptagent.c)."""
+    from ptlab.kernel.secretmem import remove_batched, remove_per_page, restore
+
+    before, _ = t.snapshot()
+    t.resume()
+    singles: dict[int, int] = {}  # agent id -> VA
+    spacers: dict[int, list[int]] = {}
+    try:
+        for _ in range(n):
+            for want, held in ((1, singles), (spacer, spacers)):
+                r = t.g.agent("secretmem", str(want))
+                if None in r["pfns"]:
+                    raise ValueError(f"secretmem {want}: pagemap gave {r['pfns'][:8]}")
+                vas_r = [t.dm.va(p * PAGE) for p in r["pfns"]]
+                held[r["id"]] = vas_r[0] if held is singles else vas_r  # type: ignore[assignment]
+        vas = sorted(singles.values())
+        pads = sorted(v for vs in spacers.values() for v in vs)
+        every = sorted(vas + pads)
+        faulted, faulted_runs = t.snapshot()
+        fault = _predict(t, before, faulted, faulted_runs, f"secretmem_scattered {n}",
+                         remove_per_page, every)
+        batched = _predict(t, before, faulted, faulted_runs, f"batched_unmap_scattered {n}",
+                           remove_batched, every)
+        fault.extra["real_tables"] = new_tables(before, faulted)
+        t.resume()
+        for ident in list(spacers):
+            t.g.agent("release", str(ident))
+            del spacers[ident]
+        padded, padded_runs = t.snapshot()
+        pads_out = _predict(t, faulted, padded, padded_runs, f"release_spacers {n}", restore,
+                            pads)
+        t.resume()
+        for ident in list(singles):
+            t.g.agent("release", str(ident))
+            del singles[ident]
+        done, done_runs = t.snapshot()
+        released = _predict(t, padded, done, done_runs, f"release_scattered {n}", restore, vas)
+        return Scattered(vas, pads, fault, batched, pads_out, released)
+    finally:
+        t.resume()
+        for ident in [*singles, *spacers]:
+            t.g.agent("release", str(ident))
 
 
 def meminfo_delta(splits: dict[int, int], fmt: Format) -> dict[int, int]:
@@ -356,13 +422,18 @@ def _boot_arm64(t: Target, pt: PageTable, ram: list[tuple[int, int]]) -> None:
 
     from . import scenarios
 
-    syms = scenarios.kallsyms(t.g, ("_stext", "__init_begin"))
+    syms = scenarios.kallsyms(t.g, ("_text", "_stext", "__init_begin"))
     t.stop()
     # __init_begin's own page is unmapped by free_initmem: take the byte before it
     first, last = (translate(t.fmt, t.g.memory, t.root, va).pa
                    for va in (syms["_stext"], syms["__init_begin"] - 1))
     if first is None or last is None:
         raise ValueError(f"kernel image not mapped at {syms}")
+    if kernel_series(t.g.image.kernel_version) != "6.1":
+        # map_mem's image alias starts at __pa_symbol(_text) in 6.12 (at _stext in 6.1;
+        # arch/arm64/mm/mmu.c map_mem, mark_linear_text_alias_ro); _text's page itself is
+        # not in the kernel mapping, so its PA is _stext's minus the distance
+        first -= syms["_stext"] - syms["_text"]
     prot = arm64_linear_prot(arm64.PAGE_KERNEL, t.g.profile.kpti)
     arm64_map_mem(pt, t.dm.base, t.dm.phys_offset, ram, prot, (first, last + 1),
                   text_prot=prot.with_(cache=arm64.PAGE_KERNEL.cache))

@@ -3,7 +3,10 @@
 ``rmmod`` / ``insmod`` of a module of the image (agent ``rmmod NAME``, ``insmod PATH``);
 the layout from ``/sys/module/NAME/sections/*`` and ``coresize`` (:mod:`ptlab.kernel.modules`);
 the model on a copy-on-write overlay of the "before" tables; compared with the real tables
-over the whole modules area [MODULES_VADDR, MODULES_END) (:mod:`.kernel_compare`).
+(:mod:`.kernel_compare`) as two scenarios: ``vmalloc``, the whole modules area
+[MODULES_VADDR, MODULES_END) with the guard page, and ``set_memory``, the core's protections
+and the whole direct map, where x86 ``cpa_process_alias`` and ``vm_remove_mappings`` change the
+core pages' aliases.
 """
 
 from __future__ import annotations
@@ -12,41 +15,96 @@ import time
 from typing import Any
 
 from ptlab.formats.base import Attrs
-from ptlab.kernel.modules import CoreLayout, load, unload
+from ptlab.kernel.modules import CoreLayout, free_init, load, unload
+from ptlab.kernel.set_direct_map import Alias, Arm64Config
+from ptlab.walk import Run
 
-from .kernel_compare import compare_entries, compare_runs, model_table, walk_runs
+from .kernel_compare import (
+    PAGE,
+    TableSnapshot,
+    compare_entries,
+    compare_runs,
+    model_table,
+    walk_runs,
+)
 from .kernel_scenarios import Outcome, Target
+from .module_init_watch import init_layout, watch_free_init
+
+ARM64_MODULES_VSIZE = 128 << 20  # arch/arm64/include/asm/memory.h MODULES_VSIZE (6.1)
 
 
 def modules_area(t: Target) -> tuple[int, int]:
-    """[MODULES_VADDR, MODULES_END) of the guest's architecture (x86-64 only so far)."""
+    """Where module_alloc allocates: x86 [MODULES_VADDR, MODULES_END); arm64
+    [module_alloc_base, + MODULES_VSIZE), randomised by ``kaslr_init``
+    (arch/arm64/kernel/kaslr.c). ``module_alloc_base`` is a data symbol Debian's arm64
+    kallsyms lacks; the lowest module in /proc/modules (the first loaded at boot: vmalloc is
+    first fit) stands for it. Read once per guest."""
     from ptlab.arch import x86_64
 
-    areas = {"x86_64": (x86_64.MODULES_VADDR, x86_64.MODULES_END)}
-    if t.fmt.arch not in areas:
-        raise NotImplementedError(f"module scenarios: no modules area for {t.fmt.arch}")
-    return areas[t.fmt.arch]
+    cached = _AREAS.get(str(t.g.rundir))
+    if cached is None:
+        areas = {"x86_64": lambda: (x86_64.MODULES_VADDR, x86_64.MODULES_END),
+                 "arm64": lambda: _lowest_module(t)}
+        if t.fmt.arch not in areas:
+            raise NotImplementedError(f"module scenarios: no modules area for {t.fmt.arch}")
+        cached = _AREAS[str(t.g.rundir)] = areas[t.fmt.arch]()
+    return cached
+
+
+_AREAS: dict[str, tuple[int, int]] = {}  # the guest's run directory -> its modules area
+
+
+def _lowest_module(t: Target) -> tuple[int, int]:
+    t.resume()
+    _, text, _ = t.g.ssh("cat /proc/modules")
+    bases = [int(ln.split()[5], 16) for ln in text.splitlines() if len(ln.split()) > 5]
+    if not bases or 0 in bases:
+        raise ValueError(f"/proc/modules gives no module addresses: {text[:200]!r}")
+    lo = min(bases)
+    return lo, lo + ARM64_MODULES_VSIZE
 
 
 def page_kernel(t: Target) -> Attrs:
     """PAGE_KERNEL as vmalloc uses it: masked by ``__default_kernel_pte_mask`` (x86: no
-    _PAGE_GLOBAL with PTI on, arch/x86/mm/init.c ``probe_page_size_mask``)."""
-    from ptlab.arch import x86_64
+    _PAGE_GLOBAL with PTI on, arch/x86/mm/init.c ``probe_page_size_mask``); arm64
+    PROT_NORMAL with PTE_MAYBE_NG (nG with kpti)."""
+    from ptlab.arch import arm64, x86_64
     from ptlab.kernel.direct_map import x86_default_kernel_prot
 
-    kinds = {"x86_64": lambda: x86_default_kernel_prot(x86_64.PAGE_KERNEL, t.g.profile.kpti)}
+    kpti = t.g.profile.kpti
+    kinds = {"x86_64": lambda: x86_default_kernel_prot(x86_64.PAGE_KERNEL, kpti),
+             "arm64": lambda: arm64.PAGE_KERNEL.with_(global_=not kpti)}
     return kinds[t.fmt.arch]()
 
 
-def layout(t: Target, name: str) -> CoreLayout:
-    """The loaded module ``name``'s core layout, from sysfs (the guest runs)."""
+def arm64_config(t: Target) -> Arm64Config | None:
+    """arm64: rodata=full (Debian's default) and whether the CPU and kernel use BTI
+    (PTE_GP on the kernel's own text, ``_stext``); None elsewhere."""
+    if t.fmt.arch not in _ARM64_ARCHES:
+        return None
+    from ptlab.walk import translate
+
+    from . import scenarios
+
+    stext = scenarios.kallsyms(t.g, ("_stext",))["_stext"]
+    t.stop()
+    raw = translate(t.fmt, t.g.memory, t.root, stext).steps[-1].raw
+    return Arm64Config(bti=bool(raw >> 50 & 1))
+
+
+_ARM64_ARCHES = {"arm64"}
+
+
+def layout(t: Target, name: str, sections: dict[str, int] | None = None) -> CoreLayout:
+    """The loaded module ``name``'s core layout, from sysfs (the guest runs); every
+    section's address also goes into ``sections`` when given."""
     t.resume()
     code, text, err = t.g.ssh(f"cd /sys/module/{name} && cat coresize && grep . sections/.* "
                               "sections/*")
     if code != 0:
         raise ValueError(f"/sys/module/{name}: {err.strip()}")
     lines = text.split()
-    sections = {}
+    sections = {} if sections is None else sections
     for line in lines[1:]:
         path, _, addr = line.partition(":")
         sections[path.removeprefix("sections/")] = int(addr, 16)
@@ -63,53 +121,105 @@ def ko_path(t: Target, name: str) -> str:
     return paths[0]
 
 
-def _compare(t: Target, scenario: str, pt: Any, real: Any, real_runs: Any,
-             lay: CoreLayout, seconds: float) -> Outcome:
+def _snapshot(t: Target) -> tuple[TableSnapshot, list[Run], list[Run]]:
+    """Stop; one snapshot walked over the modules area and the direct map (where the core
+    pages' aliases are); returns it frozen and the runs of each."""
+    lo, hi = modules_area(t)  # (may ask the running guest)
+    t.stop()
+    snap = TableSnapshot(t.g.memory)
+    area = walk_runs(t.fmt, snap, t.root, lo, hi)
+    dmap = walk_runs(t.fmt, snap, t.root, *t.span)
+    return snap.freeze(), area, dmap
+
+
+def alias_of(t: Target) -> Alias:
+    """x86 ``__va(pfn << PAGE_SHIFT)`` for a PA the direct map covers, else None
+    (``pfn_range_is_mapped``)."""
+    lo, hi = t.span
+
+    def alias(pa: int) -> int | None:
+        va = t.dm.va(pa)
+        return va if lo <= va < hi else None
+    return alias
+
+
+def _compare(t: Target, scenario: str, pt: Any, real: TableSnapshot,
+             real_area: list[Run], real_dmap: list[Run], lay: CoreLayout, pas: list[int],
+             seconds: float) -> Outcome:
+    """vmalloc: the whole modules area (guard page included), raw entries of the core's
+    and the guard's table; set_memory: the core pages and the whole direct map (the
+    aliases), raw entries of the core's and the aliases' tables. The set_memory Outcome
+    is ``extra["set_memory"]``."""
     lo, hi = modules_area(t)
-    cmp = compare_runs(scenario, walk_runs(t.fmt, pt.mem, t.root, lo, hi), real_runs)
-    compare_entries(cmp, t.fmt, pt.mem, t.root, real, t.root, range(lay.base, lay.end, 4096))
-    return Outcome(cmp, tables=pt.alloc.pool.allocated, model_seconds=seconds,
-                   extra={"layout": lay})
+    core = range(lay.base, lay.end, PAGE)
+    vm = compare_runs(f"vmalloc {scenario}", walk_runs(t.fmt, pt.mem, t.root, lo, hi),
+                      real_area)
+    compare_entries(vm, t.fmt, pt.mem, t.root, real, t.root, [*core, lay.guard])
+    sm = compare_runs(f"set_memory {scenario}",  # runs in VA order: direct map, then core
+                      walk_runs(t.fmt, pt.mem, t.root, *t.span)
+                      + walk_runs(t.fmt, pt.mem, t.root, lay.base, lay.end),
+                      real_dmap + walk_runs(t.fmt, real, t.root, lay.base, lay.end))
+    aliases = [a for a in map(alias_of(t), pas) if a is not None]  # in core order
+    compare_entries(sm, t.fmt, pt.mem, t.root, real, t.root, [*core, *aliases])
+    tables = pt.alloc.pool.allocated
+    return Outcome(vm, tables=tables, model_seconds=seconds,
+                   extra={"layout": lay, "aliases": aliases,
+                          "set_memory": Outcome(sm, tables=tables, model_seconds=seconds)})
 
 
 def rmmod(t: Target, name: str) -> Outcome:
-    """Real: ``ptagent rmmod name``. Model: :func:`~ptlab.kernel.modules.unload`."""
+    """Real: ``ptagent rmmod name``. Model: :func:`~ptlab.kernel.modules.unload` (with
+    ``vm_remove_mappings`` on the aliases)."""
     lay = layout(t, name)
-    before, _ = t.snapshot(*modules_area(t))
+    before, before_area, _ = _snapshot(t)
+    pas = [r.pa + (va - r.va) for va in range(lay.base, lay.end, PAGE)
+           for r in before_area if r.va <= va < r.end and r.attrs.present]
     t.resume()
     t.g.agent("rmmod", name)
-    after, after_runs = t.snapshot(*modules_area(t))
+    after, after_area, after_dmap = _snapshot(t)
     t0 = time.perf_counter()
     pt = model_table(t.fmt, before, t.root)
-    unload(pt, lay)
-    return _compare(t, f"rmmod {name}", pt, after, after_runs, lay, time.perf_counter() - t0)
+    unload(pt, lay, alias_of(t))
+    return _compare(t, f"rmmod {name}", pt, after, after_area, after_dmap, lay, pas,
+                    time.perf_counter() - t0)
 
 
 def insmod(t: Target, name: str, path: str, settle_s: float = 30.0) -> Outcome:
-    """Real: ``ptagent insmod path``; waits until the init layout's deferred free
-    (``do_free_init``) has left /proc/vmallocinfo. Model: :func:`~ptlab.kernel.modules.load`
-    at the PAs the kernel chose (read from the real "after" tables)."""
-    before, _ = t.snapshot(*modules_area(t))
-    t.resume()
-    t.g.agent("insmod", path)
+    """Real: ``ptagent insmod path`` (:func:`watch_free_init` catches the init layout's
+    PAs); waits until its deferred free has left /proc/vmallocinfo. Model:
+    :func:`~ptlab.kernel.modules.load` at the PAs the kernel chose (read from the real
+    "after" tables), then :func:`~ptlab.kernel.modules.free_init`, aliases included."""
+    cfg = arm64_config(t)
+    before, _, _ = _snapshot(t)
+    at_free = watch_free_init(t, path, modules_area(t))
     deadline = time.monotonic() + settle_s
     while not _init_freed(t, name):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name}: init layout not freed within {settle_s} s")
         time.sleep(0.2)
-    lay = layout(t, name)
-    after, after_runs = t.snapshot(*modules_area(t))
+    sections: dict[str, int] = {}
+    lay = layout(t, name, sections)
+    init_base, init_pas = init_layout(sections, lay, at_free)
+    after, after_area, after_dmap = _snapshot(t)
     t0 = time.perf_counter()
     pt = model_table(t.fmt, before, t.root)
 
     def pa_of(va: int) -> int:
-        r = [x for x in after_runs if x.va <= va < x.va + x.size and x.attrs.present]
+        r = [x for x in after_area if x.va <= va < x.va + x.size and x.attrs.present]
         if not r:
             raise ValueError(f"{name}: core page {va:#x} not mapped by the kernel")
         return r[0].pa + (va - r[0].va)
 
-    load(pt, lay, pa_of, page_kernel(t))
-    return _compare(t, f"insmod {name}", pt, after, after_runs, lay, time.perf_counter() - t0)
+    alias = alias_of(t)
+    load(pt, lay, pa_of, page_kernel(t), alias, arm64=cfg)
+    free_init(pt, init_base, init_pas, page_kernel(t), alias)
+    seconds = time.perf_counter() - t0
+    pas = [pa_of(va) for va in range(lay.base, lay.end, PAGE)]
+    out = _compare(t, f"insmod {name}", pt, after, after_area, after_dmap, lay,
+                   pas + init_pas, seconds)
+    out.extra["aliases"] = out.extra["aliases"][:len(pas)]
+    out.extra["init"] = (init_base, init_pas)
+    return out
 
 
 def _init_freed(t: Target, name: str) -> bool:

@@ -365,10 +365,12 @@ class Gva2gpaBatch:
 
 def gva2gpa_many(hmp: Hmp | Any, vas: Sequence[int]) -> Gva2gpaBatch:
     """gva2gpa for every VA. ``hmp`` is an HMP callable, or an object with ``hmp_many``
-    (pipelined commands, one reply string per command) which is used when present."""
+    (pipelined commands, one reply string per command) which is used when present, also when
+    ``hmp`` is a bound method of such an object (``guest.hmp``)."""
     cmds = [f"gva2gpa {va:#x}" for va in vas]
     t0 = time.perf_counter()
-    many = getattr(hmp, "hmp_many", None)
+    many = getattr(hmp, "hmp_many", None) or getattr(getattr(hmp, "__self__", None),
+                                                     "hmp_many", None)
     if many is not None:
         replies = list(many(cmds))
     else:

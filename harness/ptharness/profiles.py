@@ -35,8 +35,13 @@ X86_SLOTS, X86_MAXMEM_MB = 4, 8192
 ARM64_MAXMEM_MB, VIRTIO_MEM_MB = 4096, 2048
 VIRTIO_MEM_ID, VIRTIO_MEM_BACKEND = "vm0", "vmem0"
 
+# x86: hotplugged DIMMs stay offline until a test onlines them. Debian's 6.1 does that by
+# default; 6.12 is built with MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO (add_memory_resource,
+# mm/memory_hotplug.c, onlines every added block at once, in a zone the kernel then allocates
+# from, so the DIMM could never be removed). memhp_default_state= overrides both.
 BOARDS: dict[str, Board] = {
-    "x86_64": Board(0, "pc-dimm", X86_MAXMEM_MB, X86_SLOTS, (), "hmp", (), False),
+    "x86_64": Board(0, "pc-dimm", X86_MAXMEM_MB, X86_SLOTS, ("memhp_default_state=offline",),
+                    "hmp", (), False),
     "arm64": Board(0x4000_0000, "virtio-mem", ARM64_MAXMEM_MB, 0,
                    ("memhp_default_state=online_movable",), "gdbstub",
                    ("TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "cpsr", "pc"), True),
@@ -53,12 +58,18 @@ class Profile:
     machine: str  # -machine type
     cpu: str  # -cpu model and properties
     console: str  # serial console device of the kernel
-    levels: int  # paging levels the kernel is expected to use
+    levels: int  # paging levels the default kernel is expected to use
     kpti: bool = False  # kernel page-table isolation forced on
     cmdline: tuple[str, ...] = field(default=())  # profile-specific kernel parameters
     # Boot the image's PVH vmlinux when it has one (x86: 2x faster, but the PVH entry skips
     # the decompressor, so no KASLR and no switch to 5-level paging).
     pvh: bool = True
+    # (kernel series, levels) where a kernel's configuration uses other levels than `levels`
+    levels_by_kernel: tuple[tuple[str, int], ...] = ()
+
+    def levels_on(self, kernel: str) -> int:
+        """Paging levels the kernel of series ``kernel`` uses on this profile."""
+        return dict(self.levels_by_kernel).get(get_kernel(kernel), self.levels)
 
     @property
     def board(self) -> Board:
@@ -71,6 +82,10 @@ class Profile:
         return self.board.ram_base
 
 
+# Debian's arm64 6.12 is ARM64_VA_BITS_52: with FEAT_LPA2 (QEMU's "max" CPU has it) the 4K
+# kernel runs 52-bit VAs on 5 levels (arm64-4k-52), 6.1 is 48-bit on 4.
+ARM64_LEVELS = (("6.12", 5),)
+
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
@@ -82,10 +97,10 @@ PROFILES: dict[str, Profile] = {
             kpti=True, cmdline=("pti=on",),
         ),
         Profile("arm64", "arm64", "qemu-system-aarch64", "virt", "max,pauth-impdef=on",
-                "ttyAMA0", 4),
+                "ttyAMA0", 4, levels_by_kernel=ARM64_LEVELS),
         Profile(
             "arm64-kpti", "arm64", "qemu-system-aarch64", "virt", "max,pauth-impdef=on",
-            "ttyAMA0", 4, kpti=True, cmdline=("kpti=1",),
+            "ttyAMA0", 4, kpti=True, cmdline=("kpti=1",), levels_by_kernel=ARM64_LEVELS,
         ),
     )
 }
@@ -101,7 +116,7 @@ def get_profile(name: str) -> Profile:
 
 # Kernel series a guest image can carry (Debian bookworm's linux-image packages); the first is
 # the default. A series is the kernel's "major.minor" (uname -r starts with it).
-KERNELS: tuple[str, ...] = ("6.1",)
+KERNELS: tuple[str, ...] = ("6.1", "6.12")
 DEFAULT_KERNEL = KERNELS[0]
 ARCHES: tuple[str, ...] = tuple(BOARDS)
 
@@ -114,6 +129,15 @@ def get_kernel(series: str | None) -> str:
     if series not in KERNELS:
         raise ValueError(f"unknown kernel {series!r}; known: {', '.join(KERNELS)}")
     return series
+
+
+def kernel_series(release: str) -> str:
+    """The series of :data:`KERNELS` a kernel release (``uname -r``, e.g. 6.12.117+deb12-arm64)
+    belongs to; ValueError otherwise."""
+    major_minor = ".".join(release.split("-")[0].split("+")[0].split(".")[:2])
+    if major_minor not in KERNELS:
+        raise ValueError(f"kernel {release!r} is of no known series ({', '.join(KERNELS)})")
+    return major_minor
 
 
 def select_profiles(arch: str | None = None, names: str | None = None) -> list[Profile]:

@@ -106,6 +106,36 @@ class Monitor:
         """Run a human-monitor command and return its text output."""
         return str(self.cmd("human-monitor-command", command_line=command_line))
 
+    def hmp_many(self, command_lines: list[str], window: int = 32) -> list[str]:
+        """Run many human-monitor commands, up to ``window`` in flight (QMP answers them in
+        order, matched by id), and return their outputs in order. One transcript line."""
+        if self._client is None:
+            raise MonitorError("QMP human-monitor-command: not connected")
+        client = self._client
+        gate = asyncio.Semaphore(window)
+
+        async def one(line: str) -> str:
+            async with gate:
+                return str(await client.execute("human-monitor-command",
+                                                {"command-line": line}))
+
+        async def run() -> list[str]:
+            return list(await asyncio.gather(*(one(c) for c in command_lines)))
+
+        self._log("->", f"{len(command_lines)} HMP commands, first {command_lines[:1]}")
+        timeout = self.timeout + 0.01 * len(command_lines)
+        try:
+            out = self._run(run(), timeout)
+        except TimeoutError:
+            self._log("<-!", f"no replies within {timeout:.0f} s")
+            raise MonitorError(f"{len(command_lines)} HMP commands: no replies within "
+                               f"{timeout:.0f} s") from None
+        except (QMPError, OSError, EOFError) as e:
+            self._log("<-!", f"{e or type(e).__name__}")
+            raise MonitorError(f"HMP commands: {e or type(e).__name__}") from None
+        self._log("<-", f"{len(out)} replies, first {out[:1]}")
+        return out
+
     def wait_event(
         self, name: str, timeout: float, match: Callable[[dict], bool] = lambda e: True
     ) -> dict:

@@ -269,14 +269,16 @@ def find_user_roots(fmt: Format, mem: Any, expected: dict[int, int],
                     ranges: Sequence[tuple[int, int]] | None = None) -> list[int]:
     """Root tables (PAs) through which every ``va -> pa`` of ``expected`` translates, present.
 
-    Finds a process's page-table root without its CR3/TTBR0: candidates are the pages whose
-    top-level entry for the first VA looks like a table entry (numpy scan over RAM), then each
-    is translated with ptlab's walker. ``mem.view(pa, size)`` is used when there (SharedRAM:
-    zero copy), else ``mem.read``."""
+    Finds a process's page-table root without its CR3/TTBR0: candidates are the top-level
+    tables (pages, or 128-byte ``pgd_cache`` objects of an arm64 LPA2 5-level pgd: pgd_alloc,
+    arch/arm64/mm/pgd.c) whose entry for the first VA looks like a table entry (numpy scan
+    over RAM), then each is translated with ptlab's walker. ``mem.view(pa, size)`` is used
+    when there (SharedRAM: zero copy), else ``mem.read``."""
     if not expected:
         raise ScenarioError("nothing to look for")
     first = min(expected)
     idx = fmt.index(first & (fmt.va_span - 1), fmt.top_level)
+    step = min(PAGE, fmt.entries(fmt.top_level) * 8)  # PGD_SIZE: alignment of a root
     roots: list[int] = []
     spans = list(ranges or mem.ranges())
     for start, end in spans:
@@ -284,7 +286,7 @@ def find_user_roots(fmt: Format, mem: Any, expected: dict[int, int],
             size = min(64 << 20, end - base)
             view = getattr(mem, "view", None)
             buf = view(base, size) if view is not None else mem.read(base, size)
-            table = np.frombuffer(buf, dtype="<u8").reshape(-1, PAGE // 8)
+            table = np.frombuffer(buf, dtype="<u8").reshape(-1, step // 8)
             col = np.ascontiguousarray(table[:, idx])
             ok = fmt.kinds(col, fmt.top_level) == int(Kind.TABLE)
             oas = fmt.oas(col, fmt.top_level)
@@ -292,7 +294,7 @@ def find_user_roots(fmt: Format, mem: Any, expected: dict[int, int],
                 [(oas >= np.uint64(s)) & (oas < np.uint64(e)) for s, e in spans]
             )
             for i in np.nonzero(ok)[0]:
-                root = base + int(i) * PAGE
+                root = base + int(i) * step
                 if all(_maps(fmt, mem, root, va, pa) for va, pa in expected.items()):
                     roots.append(root)
     return roots

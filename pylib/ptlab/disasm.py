@@ -53,6 +53,10 @@ def disassemble(fmt: Format, mem: Any, root: int, va: int, count: int,
     ops = arch_for(fmt)
     data, _ = read_va(fmt, mem, root, va, count * ops.max_insn)
     cs = capstone.Cs(getattr(capstone, ops.capstone[0]), getattr(capstone, ops.capstone[1]))
+    # Words that are no instruction come out as ".byte" (4 bytes on arm64) and decoding goes
+    # on, as objdump does: Linux 6.12 arm64 (DYNAMIC_FTRACE_WITH_CALL_OPS) keeps an 8-byte
+    # ftrace_ops pointer in front of each function, _stext's included.
+    cs.skipdata = True
     out = []
     for insn in cs.disasm(data, va, count):
         off = insn.address - va

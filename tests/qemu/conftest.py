@@ -6,8 +6,18 @@ A test names its guest profile through a parameter called ``profile`` or a marke
 ``PTLAB_PROFILE=a,b`` keeps only those profiles (tests without a profile, e.g. kernel-less QEMU
 checks, run when no profile list is given or it names a base profile, ``x86_64`` or ``arm64``),
 ``PTLAB_KERNEL`` picks the kernel series of every image (:data:`ptharness.profiles.KERNELS`).
-A bad value is one usage error. ``make test-qemu`` distributes with ``--dist loadscope``: a
-class- or module-scoped guest boots once, on the worker running its scope.
+A bad value is one usage error.
+
+Guests: the session fixture ``guest_pool`` (:class:`GuestPool`) boots each profile once per
+process and checkpoints it; every scope that acquires a guest gets it back in that checkpointed
+state (``Guest.reset``, ~0.5 s instead of a boot), so a test that changes its guest (secretmem,
+module unload, planted entries, a busy process) cannot leak into another scope. A scope that
+needs extra devices (``-device vmcoreinfo``) gets a pool guest of its own kind. Tests that
+kill, panic or hotplug into a guest boot their own. ``make test-qemu``
+distributes with ``--dist loadscope`` and the scheduler of :func:`pytest_xdist_make_scheduler`:
+the pool users of one profile form one work unit (one boot), the heaviest units go first.
+The terminal summary prints ``test_qemu_s``, ``boots``, ``boot_to_agent_s[x86_64]`` (median
+of this run's x86_64 boots) and ``test_qemu_vs_boot_ratio``.
 
 Evidence: when a test fails, its report and, for each guest of its profile this process had
 started (running, or closed during the test), the serial console, QEMU's stderr and the QMP
@@ -26,6 +36,7 @@ import os
 import random
 import re
 import secrets
+import statistics
 import time
 import weakref
 from collections.abc import Callable
@@ -45,6 +56,8 @@ _artifacts: Path | None = None  # this run's artifacts folder (created on the fi
 _live: weakref.WeakSet[Any] = weakref.WeakSet()  # guests started by this process, not closed
 _closed: list[tuple[str, dict[str, bytes]]] = []  # (label, evidence) of guests closed lately
 _patch = pytest.MonkeyPatch()
+_boots: list[tuple[str, float | None]] = []  # (profile, boot_to_agent s or None) per start
+_t_session: float | None = None  # controller: when the session started
 
 
 def _choose_seed(config: pytest.Config) -> int:
@@ -120,7 +133,10 @@ def _track_guests() -> None:
 
     def tracked_start(self: Any) -> None:
         _live.add(self)
-        start(self)
+        try:
+            start(self)
+        finally:
+            _boots.append((self.profile.name, getattr(self, "boot_seconds", None)))
 
     def tracked_close(self: Any) -> None:
         if self in _live:
@@ -155,8 +171,34 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"failure evidence goes to {_artifacts}"]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _t_session
+    _t_session = time.monotonic()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:  # an xdist worker: hand its boots to the controller
+        out["ptlab_boots"] = list(_boots)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # xdist controller, per finished worker
+    _boots.extend(tuple(b) for b in getattr(node, "workeroutput", {}).get("ptlab_boots", ()))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:  # shown under -q too
     terminalreporter.write_line(f"{SEED_ENV}={session_seed()} (set it to replay)")
+    if _t_session is None or not _boots:
+        return
+    wall = time.monotonic() - _t_session
+    x86 = [s for p, s in _boots if p == "x86_64" and s is not None]
+    terminalreporter.write_line(f"test_qemu_s: {wall:.1f}")
+    terminalreporter.write_line(f"boots: {len(_boots)}")
+    if x86:
+        b = statistics.median(x86)
+        terminalreporter.write_line(f"boot_to_agent_s[x86_64]: {b:.2f}")
+        terminalreporter.write_line(f"test_qemu_vs_boot_ratio: {wall / b:.1f}")
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -231,23 +273,133 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    if getattr(config, "workerinput", None) is not None:  # name pool units for the scheduler
+        for item in items:
+            profile = profile_of(item)
+            if profile is not None and uses_pool(item):
+                item._nodeid = f"{item.nodeid}{POOL_UNIT}{profile}"
+
+
+class GuestPool:
+    """This process's booted guests, one per (profile, extra devices), each checkpointed right
+    after its boot.
+
+    :meth:`acquire` hands a scope (class, module or test) the guest in its checkpointed state:
+    booted on first use, else reset (``Guest.reset``) to the checkpoint. Other pool guests are
+    paused meanwhile (no CPU spent on idle guests). A guest that died or cannot be reset is
+    replaced by a new boot; a guest whose boot failed fails its later acquisitions at once
+    with the same error.
+    """
+
+    def __init__(self) -> None:
+        self._guests: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._failed: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._handed: set[tuple[str, tuple[str, ...]]] = set()  # left their checkpoint since
+
+    def acquire(self, profile: str, devices: tuple[str, ...] = ()) -> Any:
+        """The guest of ``profile`` (with these extra ``-device`` specs, e.g. ``vmcoreinfo``)
+        at its checkpoint."""
+        from ptharness.guest import Guest, GuestError
+
+        key = (profile, tuple(devices))
+        if key in self._failed:
+            pytest.fail(f"{profile} pool guest failed earlier: {self._failed[key]}",
+                        pytrace=False)
+        for other_key, other in self._guests.items():
+            if other_key != key and other.alive and other.running:
+                other.stop()
+        g = self._guests.get(key)
+        if g is not None and key in self._handed:
+            try:
+                g.reset()
+            except GuestError:
+                g.close()
+                g = None
+        if g is None or not g.alive:
+            if g is not None:
+                g.close()
+            g = Guest(profile, devices=key[1])
+            try:
+                g.start()
+                g.checkpoint()
+            except Exception as e:
+                g.close()
+                self._failed[key] = str(e).splitlines()[0]
+                raise
+            self._guests[key] = g
+        self._handed.add(key)
+        return g
+
+    def close(self) -> None:
+        for g in self._guests.values():
+            g.close()
+        self._guests.clear()
+
+
+@pytest.fixture(scope="session")
+def guest_pool() -> Any:
+    """This process's :class:`GuestPool` (closed at the end of the session)."""
+    pool = GuestPool()
+    yield pool
+    pool.close()
 
 
 @pytest.fixture(scope="class")
 def target(request: pytest.FixtureRequest) -> Any:
     """A kernel-scenario target (``ptharness.kernel_scenarios.Target``) on the test class's
-    profile, booted once per class (with hotplug slots if the class sets ``hotplug = True``)
-    and closed when the class is done."""
+    profile: the pool's guest, reset to its checkpoint for the class; a class that sets
+    ``hotplug = True`` gets a guest with hotplug slots booted for it and closed after it."""
     from ptharness import kernel_scenarios as ks
     from ptharness.guest import Guest
 
     profile = str(request.cls.profile)
-    g = Guest(profile, hotplug=bool(getattr(request.cls, "hotplug", False)))
+    rng = rng_for(f"{request.module.__name__}:{profile}")
+    if not getattr(request.cls, "hotplug", False):
+        yield ks.Target.of(request.getfixturevalue("guest_pool").acquire(profile), rng)
+        return
+    g = Guest(profile, hotplug=True)
     g.start()
     try:
-        yield ks.Target.of(g, rng_for(f"{request.module.__name__}:{profile}"))
+        yield ks.Target.of(g, rng)
     finally:
         g.close()
+
+
+def uses_pool(item: pytest.Item) -> bool:
+    """Whether ``item`` runs on a pool guest (directly, or through ``target``)."""
+    names = getattr(item, "fixturenames", ())
+    if "guest_pool" in names:
+        return True
+    return "target" in names and not getattr(getattr(item, "cls", None), "hotplug", False)
+
+
+# Relative cost of a profile's pool work unit (boot plus checks, measured): heaviest first.
+UNIT_WEIGHT = {"x86_64": 10, "x86_64-la57": 9, "x86_64-pti": 8, "arm64": 7, "arm64-kpti": 6}
+POOL_UNIT = "@pool:"  # nodeid suffix naming a test's pool work unit
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadscope``, with one work unit per pool profile (its tests then share one
+    boot) and units ordered heaviest first: pool units by :data:`UNIT_WEIGHT`, then the
+    others by their number of tests."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class PoolScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            at = nodeid.rfind(POOL_UNIT)
+            return nodeid[at + 1 :] if at >= 0 else super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node: Any) -> None:
+            def rank(scope: str) -> tuple[int, int]:
+                weight = UNIT_WEIGHT.get(scope[len(POOL_UNIT) - 1 :], 0)
+                return (-weight, -len(self.workqueue[scope]))
+
+            self.workqueue.move_to_end(min(self.workqueue, key=rank), last=False)
+            super()._assign_work_unit(node)
+
+    return PoolScheduling(config, log)
 
 
 def assert_predicted(out: Any, profile: str) -> None:

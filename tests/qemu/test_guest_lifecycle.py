@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from ptharness import oracle, scenarios
 from ptharness.guest import Guest, GuestError
-from ptharness.profiles import PROFILES
+from ptharness.profiles import PROFILES, kernel_series
+from ptlab.arch import arm64 as arm64_arch
 
 pytestmark = pytest.mark.qemu
 
@@ -192,66 +193,84 @@ def xp_table(g: Guest, pa: int) -> list[int]:
 
 
 @pytest.mark.parametrize("profile", list(PROFILES))
-def test_kernel_root_has_witnesses(profile, seeded_rng):
+def test_kernel_root_has_witnesses(profile, seeded_rng, guest_pool):
     """kernel_root() (from VMCOREINFO, cross-checked with the registers) is the table that
     QEMU and the kernel themselves name: QEMU's own translation (gva2gpa) of the kernel's VA of
     its root table (x86 init_top_pgt from /proc/kallsyms, arm64 SYMBOL(swapper_pg_dir) from the
     kernel's VMCOREINFO text) gives it, its bytes as the kernel reads them through /proc/kcore
     equal guest RAM there, and the live registers (CR3 over QMP, TTBR1_EL1 over the gdbstub)
     point at it or at a table with the same kernel half."""
-    with Guest(profile) as g:
-        p = g.profile
-        vi = g.vmcoreinfo()
-        assert vi.osrelease == g.image.kernel_version
-        root = g.kernel_root()
-        fmt = g.kernel_format()
-        assert fmt.levels == p.levels, f"{profile}: {fmt.levels}-level, expected {p.levels}"
-        if p.arch == "x86_64":
-            root_va = kallsyms_file(g, ["init_top_pgt"])["init_top_pgt"]
-            # 5-level paging: the direct map base (the kernel's own variable, read through
-            # /proc/kcore by the agent) is a 57-bit address, no 48-bit one
-            pob = g.info["kvars"]["page_offset_base"]
-            assert canonical(pob, 48) == (p.levels == 4), f"page_offset_base {pob:#x}"
-            assert canonical(pob, 57)
-        else:
-            root_va = vi.symbol("swapper_pg_dir")
-            assert vi.kernel_va_bits == fmt.va_bits
-        in_kcore = kcore(g, root_va, 4096)  # while the guest runs
-        regs = scenarios.stop_where(
-            g, lambda r: scenarios.in_kernel_regime(g, r, root), rng=seeded_rng)
-        assert oracle.gva2gpa(g.hmp, root_va) == root, f"gva2gpa({root_va:#x}) is not the root"
-        top = g.memory.read_table(root, 512)
-        assert (top != 0).sum() > 0
-        assert bytes(top) == in_kcore, "guest RAM at the root differs from /proc/kcore"
-        assert xp_table(g, root) == [int(x) for x in top]  # QEMU reads the same
-        assert (g.pmem().read_table(root, 512) == top).all()  # and so does pmemsave
-        if p.arch == "x86_64":
-            pgd = regs["cr3"] & X86_CR3_ADDR & ~X86_PTI_USER_BIT
-            assert xp_table(g, pgd)[256:] == [int(x) for x in top[256:]], (
-                f"CR3 {regs['cr3']:#x}: kernel half is not init_top_pgt's")
-        else:
-            assert regs["ttbr1_el1"] & ARM64_TTBR_BADDR == root, f"TTBR1 {regs['ttbr1_el1']:#x}"
-            assert not g.running  # reading registers over the gdbstub kept it stopped
-        g.cont()
-        assert g.running
+    g = guest_pool.acquire(profile)
+    p = g.profile
+    vi = g.vmcoreinfo()
+    assert vi.osrelease == g.image.kernel_version
+    root = g.kernel_root()
+    fmt = g.kernel_format()
+    levels = p.levels_on(kernel_series(g.image.kernel_version))
+    assert fmt.levels == levels, f"{profile}: {fmt.levels}-level, expected {levels}"
+    if p.arch == "x86_64":
+        root_va = kallsyms_file(g, ["init_top_pgt"])["init_top_pgt"]
+        # 5-level paging: the direct map base (the kernel's own variable, read through
+        # /proc/kcore by the agent) is a 57-bit address, no 48-bit one
+        pob = g.info["kvars"]["page_offset_base"]
+        assert canonical(pob, 48) == (p.levels == 4), f"page_offset_base {pob:#x}"
+        assert canonical(pob, 57)
+    else:
+        root_va = vi.symbol("swapper_pg_dir")
+        assert vi.kernel_va_bits == fmt.va_bits
+        # the layout ptlab infers from the format is the kernel's own (its exported
+        # MODULES/VMALLOC/VMEMMAP ranges): 6.1's, or 6.12's 6.9+ layout
+        assert arm64_arch.layout_from_vmcoreinfo(vi) == arm64_arch.layout(
+            fmt.va_bits, fmt.page_shift)
+    in_kcore = kcore(g, root_va, 4096)  # while the guest runs
+    regs = scenarios.stop_where(
+        g, lambda r: scenarios.in_kernel_regime(g, r, root), rng=seeded_rng)
+    assert oracle.gva2gpa(g.hmp, root_va) == root, f"gva2gpa({root_va:#x}) is not the root"
+    top = g.memory.read_table(root, 512)
+    assert (top != 0).sum() > 0
+    assert bytes(top) == in_kcore, "guest RAM at the root differs from /proc/kcore"
+    assert xp_table(g, root) == [int(x) for x in top]  # QEMU reads the same
+    assert (g.pmem().read_table(root, 512) == top).all()  # and so does pmemsave
+    if p.arch == "x86_64":
+        pgd = regs["cr3"] & X86_CR3_ADDR & ~X86_PTI_USER_BIT
+        assert xp_table(g, pgd)[256:] == [int(x) for x in top[256:]], (
+            f"CR3 {regs['cr3']:#x}: kernel half is not init_top_pgt's")
+    else:
+        assert regs["ttbr1_el1"] & ARM64_TTBR_BADDR == root, f"TTBR1 {regs['ttbr1_el1']:#x}"
+        assert not g.running  # reading registers over the gdbstub kept it stopped
+    g.cont()
+    assert g.running
 
 
-@pytest.mark.parametrize("profile", ["x86_64"])
-def test_checkpoint_reset(profile):
-    with Guest(profile) as g:
-        boot_id = g.ssh("cat /proc/sys/kernel/random/boot_id")[1]
-        daemon = g.agent("ping")["pid"]
-        g.checkpoint()
-        g.ssh("echo dirty > /tmp/ptlab-reset-probe")
-        t = time.monotonic()
-        g.reset()
-        elapsed = time.monotonic() - t
-        rc, _, _ = g.ssh("test -e /tmp/ptlab-reset-probe")
-        assert rc == 1, "reset did not bring the guest back to the checkpoint"
-        # the same boot (not a reboot), with the same agent daemon answering
-        assert g.ssh("cat /proc/sys/kernel/random/boot_id")[1] == boot_id
-        assert g.agent("ping")["pid"] == daemon
-        assert elapsed < g.boot_seconds, f"reset {elapsed:.2f} s is no faster than a boot"
+@pytest.mark.parametrize("profile", ["x86_64", "arm64"])
+def test_checkpoint_reset(profile, guest_pool, seeded_rng):
+    """The guest comes back to its checkpoint: files, processes and guest RAM the host
+    overwrote (the kernel root, a zero page) are as they were, and the same boot runs on.
+    (The checkpoint replaces the pool's: the same boot, a moment later.)"""
+    g = guest_pool.acquire(profile)
+    boot_id = g.ssh("cat /proc/sys/kernel/random/boot_id")[1]  # made on its first read
+    daemon = g.agent("ping")["pid"]
+    g.checkpoint()
+    g.ssh("echo dirty > /tmp/ptlab-reset-probe")
+    g.stop()
+    root = g.kernel_root()
+    top = g.memory.read(root, 4096)
+    start, end = max(g.memory.ranges(), key=lambda r: r[1] - r[0])
+    zero = next(pa for pa in (seeded_rng.randrange(start, end) & ~0xFFF for _ in range(1000))
+                if not g.memory.read(pa, 4096).strip(b"\0"))
+    g.memory.write(root, b"\xa5" * 4096)  # a stopped guest: nothing runs on it until reset
+    g.memory.write(zero, b"\x5a" * 4096)
+    t = time.monotonic()
+    g.reset()
+    elapsed = time.monotonic() - t
+    print(f"reset_s[{profile}]: {elapsed:.3f} (boot {g.boot_seconds:.2f} s)")
+    assert g.memory.read(root, 4096) == top
+    assert g.memory.read(zero, 4096) == bytes(4096)
+    rc, _, _ = g.ssh("test -e /tmp/ptlab-reset-probe")
+    assert rc == 1, "reset did not bring the guest back to the checkpoint"
+    assert g.ssh("cat /proc/sys/kernel/random/boot_id")[1] == boot_id
+    assert g.agent("ping")["pid"] == daemon
+    assert elapsed < g.boot_seconds, f"reset {elapsed:.2f} s is no faster than a boot"
 
 
 def memory_blocks(g: Guest) -> int:
@@ -319,27 +338,27 @@ def user_mode_registers(g: Guest) -> dict[str, int] | None:
 
 
 @pytest.mark.parametrize("profile", ["x86_64-pti", "arm64-kpti"])
-def test_isolation_roots_in_user_mode(profile):
+def test_isolation_roots_in_user_mode(profile, guest_pool):
     """Under KPTI, user mode runs on another root: x86 CR3 = the process's kernel PGD + 4 KiB,
     whose tables QEMU's own walk finds mapping the entry text but not the kernel's data;
     arm64 TTBR1_EL1 = tramp_pg_dir (two pages below swapper_pg_dir in vmlinux.lds.S), a table
     with one entry. Tables are read by QEMU (xp), translations are QEMU's (gva2gpa)."""
-    with Guest(profile) as g:
-        root = g.kernel_root()
-        syms = g.info["kallsyms"]
-        regs = user_mode_registers(g)
-        assert regs is not None, "never stopped the guest in user mode"
-        if g.profile.arch == "x86_64":
-            assert regs["cr3"] & X86_PTI_USER_BIT, f"CR3 {regs['cr3']:#x} in user mode"
-            pgd = regs["cr3"] & X86_CR3_ADDR & ~X86_PTI_USER_BIT
-            assert pgd != root, "a user process runs on init_top_pgt"
-            assert xp_table(g, pgd)[256:] == xp_table(g, root)[256:]
-            assert oracle.gva2gpa(g.hmp, syms["__entry_text_start"]) is not None
-            for name in ("init_top_pgt", "linux_banner"):
-                assert oracle.gva2gpa(g.hmp, syms[name]) is None, f"{name} is mapped"
-        else:
-            ttbr1 = regs["ttbr1_el1"] & ARM64_TTBR_BADDR
-            assert ttbr1 == root - 0x2000, f"TTBR1 {ttbr1:#x} at EL0 is not tramp_pg_dir"
-            tramp = xp_table(g, ttbr1)
-            assert sum(e != 0 for e in tramp) == 1, "the trampoline table maps one region"
-        g.cont()
+    g = guest_pool.acquire(profile)
+    root = g.kernel_root()
+    syms = g.info["kallsyms"]
+    regs = user_mode_registers(g)
+    assert regs is not None, "never stopped the guest in user mode"
+    if g.profile.arch == "x86_64":
+        assert regs["cr3"] & X86_PTI_USER_BIT, f"CR3 {regs['cr3']:#x} in user mode"
+        pgd = regs["cr3"] & X86_CR3_ADDR & ~X86_PTI_USER_BIT
+        assert pgd != root, "a user process runs on init_top_pgt"
+        assert xp_table(g, pgd)[256:] == xp_table(g, root)[256:]
+        assert oracle.gva2gpa(g.hmp, syms["__entry_text_start"]) is not None
+        for name in ("init_top_pgt", "linux_banner"):
+            assert oracle.gva2gpa(g.hmp, syms[name]) is None, f"{name} is mapped"
+    else:
+        ttbr1 = regs["ttbr1_el1"] & ARM64_TTBR_BADDR
+        assert ttbr1 == root - 0x2000, f"TTBR1 {ttbr1:#x} at EL0 is not tramp_pg_dir"
+        tramp = xp_table(g, ttbr1)
+        assert sum(e != 0 for e in tramp) == 1, "the trampoline table maps one region"
+    g.cont()

@@ -75,16 +75,16 @@ def profile(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def stop(profile: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A guest stopped once; its live walk and its dumps in every kdump format at that stop."""
+def stop(profile: str, tmp_path_factory: pytest.TempPathFactory, guest_pool: Any) -> Any:
+    """The profile's pool guest stopped once; its live walk and its dumps in every kdump
+    format at that stop."""
     tmp = tmp_path_factory.mktemp(f"kdump-{profile}")
-    g = Guest(profile)
-    g.start()
+    g = guest_pool.acquire(profile)
+    dumps: dict[str, Path] = {}
     try:
         root, fmt = g.kernel_root(), g.kernel_format()
         g.stop()
         walk = scenarios.walk_kernel(fmt, g.memory, root)
-        dumps: dict[str, Path] = {}
         path = tmp / "qemu-kdump-zlib.flat"
         t0 = time.perf_counter()
         g.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}", format="kdump-zlib")
@@ -97,7 +97,8 @@ def stop(profile: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
             report(f"dump_mib[{profile},{name}]", path.stat().st_size / 2**20, "MiB")
         yield {"g": g, "root": root, "fmt": fmt, "walk": walk, "dumps": dumps}
     finally:
-        g.close()
+        for path in dumps.values():
+            path.unlink(missing_ok=True)
 
 
 class LiveNonZeroPages(Mapping[int, bytes]):

@@ -1,12 +1,13 @@
 """The W+X audit's positive case on real kernels: one planted W+X leaf, reported alone.
 
 The real guests all pass DEBUG_WX, so comparing verdicts with dmesg only ever checks
-"passed". Here each test boots a guest of its own (it rewrites the guest's page tables; no
-other test sees that guest), stops it in the kernel regime, takes one present 4K leaf of the
-kernel half that is writable and not executable (x86 pte with _PAGE_RW and _PAGE_NX; arm64
-descriptor without PTE_RDONLY, with PTE_PXN) under table entries that restrict nothing (not
-the arm64 linear map, whose tables carry PXNTable), clears NX / PXN in guest RAM through the
-harness's shared-RAM backend, and checks:
+"passed". Here each test takes its profile's pool guest (tests/qemu/conftest.py: the planted
+entry is put back, and the next scope gets the guest reset to its checkpoint anyway), stops it
+in the kernel regime, takes one present 4K leaf of the kernel half that is writable and not
+executable (x86 pte with _PAGE_RW and _PAGE_NX; arm64 descriptor without PTE_RDONLY, with
+PTE_PXN) under table entries that restrict nothing (not the arm64 linear map, whose tables
+carry PXNTable), clears NX / PXN in guest RAM through the harness's shared-RAM backend, and
+checks:
 
 * ptlab's audit (``ptlab.dump.check_wx`` over the live RAM, and ``ptlab wx`` over a QEMU ELF
   dump of the planted guest) reports exactly that page and nothing else (before: passed);
@@ -88,59 +89,59 @@ def cli_wx(argv: list[str]) -> tuple[int, list[str]]:
 
 @pytest.mark.parametrize("profile", ["x86_64", "x86_64-la57", "x86_64-pti", "arm64",
                                      "arm64-kpti"])
-def test_planted_wx_leaf_is_reported_alone(profile, seeded_rng, tmp_path):
-    with Guest(profile) as g:
-        code, dmesg, _ = g.ssh("dmesg")
-        assert code == 0 and "Checked W+X mappings: passed" in dmesg
-        root, fmt = g.kernel_root(), g.kernel_format()
-        scenarios.stop_where(g, lambda r: scenarios.in_kernel_regime(g, r, root),
-                             rng=seeded_rng)
-        x86 = g.profile.arch == "x86_64"
-        lo, hi = scenarios.kernel_half(fmt)
-        before = check_wx(fmt, g.memory, root)
-        assert before.passed, before.message
-        va, pa, entry_pa, raw = pick_leaf(g, fmt, root, seeded_rng)
-        print(f"planting W+X at VA {va:#x} (PA {pa:#x}), entry @{entry_pa:#x} = {raw:#x}")
+def test_planted_wx_leaf_is_reported_alone(profile, seeded_rng, tmp_path, guest_pool):
+    g = guest_pool.acquire(profile)
+    code, dmesg, _ = g.ssh("dmesg")
+    assert code == 0 and "Checked W+X mappings: passed" in dmesg
+    root, fmt = g.kernel_root(), g.kernel_format()
+    scenarios.stop_where(g, lambda r: scenarios.in_kernel_regime(g, r, root),
+                         rng=seeded_rng)
+    x86 = g.profile.arch == "x86_64"
+    lo, hi = scenarios.kernel_half(fmt)
+    before = check_wx(fmt, g.memory, root)
+    assert before.passed, before.message
+    va, pa, entry_pa, raw = pick_leaf(g, fmt, root, seeded_rng)
+    print(f"planting W+X at VA {va:#x} (PA {pa:#x}), entry @{entry_pa:#x} = {raw:#x}")
+    assert oracle.gva2gpa(g.hmp, va) == pa
+    if x86:
+        tlb_before = set(oracle.info_tlb(g.hmp)[0])
+        assert not oracle.tlb_wx(tlb_before, lo, hi), "QEMU sees W+X leaves already"
+
+    # the entry ptlab found is the one QEMU's walk uses for this VA
+    with planted_u64(g.memory, entry_pa, raw & ~PRESENT):
+        assert oracle.gva2gpa(g.hmp, va) is None
+
+    planted = wx_executable(g, raw)
+    core = tmp_path / "core.elf"
+    with planted_u64(g.memory, entry_pa, planted) as old:
+        assert old == raw
+        assert oracle.read_phys_u64s(g.hmp, entry_pa, 1) == [planted]  # QEMU sees it
         assert oracle.gva2gpa(g.hmp, va) == pa
         if x86:
-            tlb_before = set(oracle.info_tlb(g.hmp)[0])
-            assert not oracle.tlb_wx(tlb_before, lo, hi), "QEMU sees W+X leaves already"
+            tlb = set(oracle.info_tlb(g.hmp)[0])
+            gone, new = tlb_before - tlb, tlb - tlb_before
+            assert len(gone) == 1 and len(new) == 1, (gone, new)
+            (was,), (now,) = gone, new
+            assert now.va == was.va == va and now.pa == was.pa
+            assert was.flags[0] == "X" and now.flags == "-" + was.flags[1:]
+            assert oracle.tlb_wx(tlb, lo, hi) == [now]
+        report = check_wx(fmt, g.memory, root)
+        g.qmp("dump-guest-memory", paging=False, protocol=f"file:{core}")
+    assert oracle.read_phys_u64s(g.hmp, entry_pa, 1) == [raw]  # restored
 
-        # the entry ptlab found is the one QEMU's walk uses for this VA
-        with planted_u64(g.memory, entry_pa, raw & ~PRESENT):
-            assert oracle.gva2gpa(g.hmp, va) is None
+    assert report.wx_pages == 1 and report.uxn_pages == 0, report.message
+    assert [(r.va, r.size, r.pa) for r in report.runs] == [(va, PAGE, pa)]
+    assert not report.passed and "1 W+X pages found" in report.message
+    code, out = cli_wx(["wx", "--elf", str(core), "--vmcoreinfo", "scan"])
+    core.unlink()
+    listed = [ln for ln in out if ln.startswith("W+X ")]
+    assert code == 1 and len(listed) == 1, out[-5:]
+    assert listed[0].startswith(f"W+X {va:#018x}-{va + PAGE:#018x} "), listed
+    assert "FAILED, 1 W+X pages found" in out[-1], out[-1]
 
-        planted = wx_executable(g, raw)
-        core = tmp_path / "core.elf"
-        with planted_u64(g.memory, entry_pa, planted) as old:
-            assert old == raw
-            assert oracle.read_phys_u64s(g.hmp, entry_pa, 1) == [planted]  # QEMU sees it
-            assert oracle.gva2gpa(g.hmp, va) == pa
-            if x86:
-                tlb = set(oracle.info_tlb(g.hmp)[0])
-                gone, new = tlb_before - tlb, tlb - tlb_before
-                assert len(gone) == 1 and len(new) == 1, (gone, new)
-                (was,), (now,) = gone, new
-                assert now.va == was.va == va and now.pa == was.pa
-                assert was.flags[0] == "X" and now.flags == "-" + was.flags[1:]
-                assert oracle.tlb_wx(tlb, lo, hi) == [now]
-            report = check_wx(fmt, g.memory, root)
-            g.qmp("dump-guest-memory", paging=False, protocol=f"file:{core}")
-        assert oracle.read_phys_u64s(g.hmp, entry_pa, 1) == [raw]  # restored
-
-        assert report.wx_pages == 1 and report.uxn_pages == 0, report.message
-        assert [(r.va, r.size, r.pa) for r in report.runs] == [(va, PAGE, pa)]
-        assert not report.passed and "1 W+X pages found" in report.message
-        code, out = cli_wx(["wx", "--elf", str(core), "--vmcoreinfo", "scan"])
-        core.unlink()
-        listed = [ln for ln in out if ln.startswith("W+X ")]
-        assert code == 1 and len(listed) == 1, out[-5:]
-        assert listed[0].startswith(f"W+X {va:#018x}-{va + PAGE:#018x} "), listed
-        assert "FAILED, 1 W+X pages found" in out[-1], out[-1]
-
-        # restored: QEMU and the audit see the guest as before, and it runs on
-        if x86:
-            assert set(oracle.info_tlb(g.hmp)[0]) == tlb_before
-        assert check_wx(fmt, g.memory, root).passed
-        g.cont()
-        assert g.ssh("echo alive")[1] == "alive\n"
+    # restored: QEMU and the audit see the guest as before, and it runs on
+    if x86:
+        assert set(oracle.info_tlb(g.hmp)[0]) == tlb_before
+    assert check_wx(fmt, g.memory, root).passed
+    g.cont()
+    assert g.ssh("echo alive")[1] == "alive\n"

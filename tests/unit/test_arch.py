@@ -280,3 +280,59 @@ def test_no_arch_name_branches_outside_the_arch_modules():
                 if pattern.search(line):
                     hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+# --- arm64 kernel layouts: Debian's 6.1 (48-bit) and 6.12 (52-bit LPA2) ----------------------
+def test_arm64_layout_generations():
+    from ptlab.arch import arm64
+
+    old = arm64.layout(48, 12)  # 6.1, written out from memory.h / pgtable.h by hand
+    assert (old["MODULES_VADDR"], old["MODULES_END"]) == (0xFFFF_8000_0000_0000,
+                                                          0xFFFF_8000_0800_0000)
+    assert old["VMEMMAP_START"] == 0xFFFF_FC00_0000_0000
+    assert old["FIXADDR_TOP"] == 0xFFFF_FBFF_FE00_0000
+    assert arm64.layout(48, 12, top_vmemmap=False) == old
+    new = arm64.layout(52, 12)  # a 4K 52-bit kernel is LPA2, 6.9+: the new layout
+    assert arm64.lpa2_kernel(52, 12) and not arm64.lpa2_kernel(52, 16)
+    assert new["PAGE_OFFSET"] == 0xFFF0_0000_0000_0000
+    assert (new["MODULES_VADDR"], new["MODULES_END"]) == (0xFFFF_8000_0000_0000,
+                                                          0xFFFF_8000_8000_0000)
+    # vmemmap covers the 52-bit linear map up to _PAGE_END(48), 64 bytes per 4K page
+    assert new["VMEMMAP_END"] == 0xFFFF_FFFF_C000_0000
+    assert new["VMEMMAP_START"] == 0xFFFF_FFFF_C000_0000 - ((1 << 52) - (1 << 47)) // 64
+    assert (new["PCI_IO_START"], new["FIXADDR_TOP"]) == (0xFFFF_FFFF_C080_0000,
+                                                         0xFFFF_FFFF_FF80_0000)
+    # NUMBER()s of Debian's 6.12.117 arm64 (VMCOREINFO of a real guest)
+    real = {"MODULES_VADDR": 0xFFFF_8000_0000_0000, "MODULES_END": 0xFFFF_8000_8000_0000,
+            "VMALLOC_START": 0xFFFF_8000_8000_0000, "VMALLOC_END": 0xFFFF_C1FF_BF80_0000,
+            "VMEMMAP_START": 0xFFFF_C1FF_C000_0000, "VMEMMAP_END": 0xFFFF_FFFF_C000_0000}
+    assert {k: new[k] for k in real} == real
+    ordered = [m.start for m in arm64.markers(52, 12)]
+    assert ordered == sorted(ordered)  # ptdump needs ascending markers
+    vmci = VmcoreInfo("OSRELEASE=6.12.117+deb12-arm64\nPAGESIZE=4096\nNUMBER(VA_BITS)=52\n" +
+                      "".join(f"NUMBER({k})=0x{new[k]:x}\n" for k in arm64.VMCOREINFO_RANGES))
+    assert arm64.layout_from_vmcoreinfo(vmci) == new
+    assert arm64.layout_from_vmcoreinfo(VmcoreInfo(ARM64_VMCI)) == old  # no ranges: formula
+    vmci = VmcoreInfo(ARM64_VMCI + "NUMBER(VMEMMAP_END)=0xffffffffc0000000\n"
+                      "NUMBER(MODULES_END)=0xffff800008000000\n")  # 6.9+ vmemmap, 6.1 modules
+    with pytest.raises(ArchError, match="MODULES_END"):
+        arm64.layout_from_vmcoreinfo(vmci)
+
+
+def test_arm64_ttbr_with_52_bit_pa():
+    ops = arch_for("arm64")
+    # phys_to_ttbr(): PA[51:48] in TTBR bits 5:2; a 128-byte LPA2 pgd (pgd_cache) is fine
+    pa = 0x000A_0000_4123_4080
+    ttbr = (0x42 << 48) | (pa | pa >> 46) & 0x0000_FFFF_FFFF_FFFC
+    assert ops.root_from_registers({"ttbr1_el1": ttbr})[0] == pa
+
+
+def test_ttbr0_formats_by_name():
+    from ptlab.formats.catalog import by_name
+
+    f = by_name("arm64-4k-52-ttbr0")
+    assert (f.levels, f.upper, f.va_bits) == (5, False, 52) and by_name(f.name) is f
+    assert by_name("arm64-4k-48-ttbr0").va_bits == 48
+    for bad in ("x86_64-4level-ttbr0", "arm64-4k-52-ttbr0-ttbr0", "arm64-4k-47-ttbr0"):
+        with pytest.raises(ValueError, match="unknown format"):
+            by_name(bad)

@@ -127,8 +127,9 @@ class FakeQemu:
     commands it received in ``log``; ``on_pmemsave`` runs on each pmemsave."""
 
     def __init__(self, running: bool, on_pmemsave: Callable[[], Any] | None = None,
-                 arch: str = "x86_64") -> None:
+                 arch: str = "x86_64", ram: bytes | None = None) -> None:
         self.running, self.arch = running, arch
+        self.ram = ram if ram is not None else bytes(2 << 20)  # at PA 0
         self.log: list[str] = []
         self.on_pmemsave = on_pmemsave
 
@@ -156,7 +157,7 @@ class FakeQemu:
         if name == "pmemsave":
             if self.on_pmemsave is not None:
                 self.on_pmemsave()
-            Path(args["filename"]).write_bytes(bytes(args["size"]))
+            Path(args["filename"]).write_bytes(self.ram[args["val"]:args["val"] + args["size"]])
             return {}
         return None
 
@@ -190,13 +191,52 @@ def test_resumed_after_error(sock_path: Path) -> None:
 
 
 def test_arm64_needs_a_root(sock_path: Path) -> None:
-    """QEMU's HMP shows no TTBR on arm64: the root must come from --root or VMCOREINFO."""
+    """QEMU's HMP shows no TTBR on arm64: the root comes from --root or the VMCOREINFO note
+    ptlab looks for in guest RAM (all zeros here: none)."""
     fake = FakeQemu(running=True, arch="aarch64")
     t = serve(sock_path, fake)
     code, _, err, _ = run("--qmp", str(sock_path), "--format", "arm64-4k-48", "walk")
     t.join(BOUND)
     assert code == 2 and "no arm64 root register" in one_error(err), err
-    assert "--root PA or --vmcoreinfo scan" in err and fake.running
+    assert "no usable VMCOREINFO note is in guest RAM; pass --root PA" in err
+    assert fake.log.count("pmemsave") >= 1 and fake.running
+
+
+def test_arm64_root_from_vmcoreinfo_in_ram(sock_path: Path) -> None:
+    """No TTBR from HMP on arm64: ptlab finds the kernel's VMCOREINFO note in guest RAM (read
+    through pmemsave) and takes format and root from it; the guest is resumed after."""
+    from ptlab.formats.base import Attrs
+    from ptlab.formats.catalog import by_name
+    from ptlab.memory.elfwrite import vmcoreinfo_note
+    from ptlab.memory.sparse import SparseMemory
+
+    f = by_name("arm64-4k-48")
+    root, voff, va = 0x1000, 0xFFFF_7FFF_C800_0000, 0xFFFF_8000_0820_0000
+    mem = SparseMemory(2 << 20)
+    kx = f.normalize(Attrs(present=True, exec=True, accessed=True, global_=True))
+    mem.write_u64(root + 8 * f.index(va, 3), f.table(0x2000, 3))
+    mem.write_u64(0x2000 + 8 * f.index(va, 2), f.table(0x3000, 2))
+    mem.write_u64(0x3000 + 8 * f.index(va, 1), f.table(0x4000, 1))
+    mem.write_u64(0x4000 + 8 * f.index(va, 0), f.leaf(0x10_0000, kx, 0))
+    text = ("OSRELEASE=6.1.0-arm64\nPAGESIZE=4096\nNUMBER(VA_BITS)=48\n"
+            f"SYMBOL(swapper_pg_dir)={root + voff:x}\nNUMBER(kimage_voffset)={voff:#x}\n"
+            "NUMBER(TCR_EL1_T1SZ)=0x10\n")
+    mem.write(0x9000, vmcoreinfo_note(text))
+    fake = FakeQemu(running=True, arch="aarch64", ram=mem.read(0, 2 << 20))
+    t = serve(sock_path, fake)
+    code, out, err, _ = run("--qmp", str(sock_path), "info", "--json")
+    t.join(BOUND)
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["format"] == "arm64-4k-48" and obj["root"] == hex(root), obj
+    notes = " ".join(obj["notes"])
+    assert "VMCOREINFO note found in memory at PA 0x9000" in notes, notes
+    assert "no arm64 root register" in notes and fake.running
+    again = sock_path.with_name("again.sock")
+    t = serve(again, FakeQemu(running=False, arch="aarch64", ram=mem.read(0, 2 << 20)))
+    code, out, err, _ = run("--qmp", str(again), "translate", hex(va + 0x234))
+    t.join(BOUND)
+    assert code == 0 and "=> PA 0x100234" in out, out + err
 
 
 def test_qmp_copy_needs_qmp(tmp_path: Path) -> None:

@@ -99,3 +99,25 @@ def test_cached_run_lines_equal_run_text():
     assert len(runs) >= 7
     assert [lines(r) for r in runs] == [run_text(fmt, r) for r in runs]
     assert [lines(r) for r in runs] == [run_text(fmt, r) for r in runs]  # from the cache
+
+
+def test_run_lines_chunks_equal_rows() -> None:
+    """RunLines.chunks (one ``%`` per block of lines) prints what rows() prints, line for line,
+    across block boundaries, for every size, level and attrs, up to a run ending at 2**64."""
+    from ptlab.cli.runs import RunLines
+    from ptlab.formats.base import Attrs, Kind
+    from ptlab.formats.catalog import by_name
+
+    fmt = by_name("x86_64-4level")
+    kinds = [Attrs(present=True, writable=w, exec=x, global_=True)
+             for w in (False, True) for x in (False, True)]
+    rows = [(0xFFFF_8880_0000_0000 + i * 0x3000, 0x1000 << (i % 3), i * 0x5000,
+             4096 << (9 * (i % 2)), i % 2, kinds[i % 4], 1 + i % 7, Kind.LEAF, None)
+            for i in range(1000)]
+    rows.append((0xFFFF_FFFF_FFE0_0000, 0x20_0000, 0x4000_0000, 0x20_0000, 1, kinds[0], 1,
+                 Kind.LEAF, None))
+    want = "".join(line + "\n" for line in RunLines(fmt).rows(rows))
+    chunks = list(RunLines(fmt).chunks(rows, chunk=97))
+    assert "".join(text for text, _ in chunks) == want
+    assert [n for _, n in chunks] == [97] * 10 + [31]
+    assert want.splitlines()[-1].startswith("0xffffffffffe00000-0x10000000000000000 ")

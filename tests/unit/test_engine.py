@@ -374,7 +374,7 @@ def test_apply_visits_leaves_and_may_replace_them(fmt) -> None:
             return Entry(Kind.EMPTY)
         return None
 
-    pt.alloc = NoAllocAllocator()
+    pool_alloc, pt.alloc = pt.alloc, NoAllocAllocator()
     assert pt.apply(va + 4 * K, 2 * M + 8 * K, fn) == 3
     assert seen == [(va, 1), (va + 2 * M, 0), (va + 2 * M + 4 * K, 0)]
     rs = runs(pt, va, 4 * M)
@@ -382,6 +382,27 @@ def test_apply_visits_leaves_and_may_replace_them(fmt) -> None:
         (va, 2 * M, True), (va + 2 * M, 4 * K, False)]
     with pytest.raises(EngineError, match="LEAF/EMPTY"):
         pt.apply(va, 4 * K, lambda v, lvl, e: Entry(Kind.TABLE, 0))
+    # the normalised attrs are memoised per call; bad values are still refused each time
+    with pytest.raises(EngineError, match="must be an int"):
+        pt.apply(va + 2 * M, 4 * K, lambda v, lvl, e: Entry(Kind.LEAF, e.oa,
+                                                          e.attrs.with_(sw=[1])))
+    pt.alloc = pool_alloc
+    pt.map(va + 4 * M, 0, 8 * K, KATTRS)
+    gone = KATTRS.with_(present=False)  # x86: the PFN inverted (vectorised encoding)
+    pt.apply(va + 4 * M, 8 * K, lambda v, lvl, e: Entry(Kind.LEAF, e.oa, gone))
+    c = pt.fmt.normalize(gone)
+    assert [int(pt.mem.read_table(pt.translate(v).steps[-1].entry_pa, 1)[0])
+            for v in (va + 4 * M, va + 4 * M + 4 * K)] == [
+        pt.fmt.encode(Entry(Kind.LEAF, oa, c), 0) for oa in (0, 4 * K)]
+    snap = pt.mem.snapshot()
+    with pytest.raises(EngineError, match="aligned"):  # a bad OA: refused, nothing written
+        pt.apply(va + 4 * M, 8 * K, lambda v, lvl, e: Entry(Kind.LEAF, e.oa + (v & 4 * K) // 2,
+                                                          KATTRS))
+    assert pt.mem.snapshot() == snap
+    ok, bad = KATTRS.with_(writable=False), KATTRS.with_(writable=0)  # equal; 0 no bool
+    with pytest.raises(EngineError, match="must be a bool"):
+        pt.apply(va + 4 * M, 8 * K, lambda v, lvl, e: Entry(Kind.LEAF, e.oa,
+                                                          ok if v == va + 4 * M else bad))
 
 
 # --- other formats, imported roots, vectorised encode -------------------------------------------

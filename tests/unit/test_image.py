@@ -131,9 +131,12 @@ def test_built_image_contents(arch: str):
         assert struct.unpack_from("<H", entries[prog][1], 18)[0] == machine, prog
     kver = entries["etc/ptlab/kernel_version"][1].decode().strip()
     assert kver == img.kernel_version
-    for rel in entries["etc/ptlab/modules"][1].decode().split():
+    late = entries["etc/ptlab/modules.late"][1].decode().split()
+    assert late and not set(late) & set(entries["etc/ptlab/modules"][1].decode().split())
+    for rel in entries["etc/ptlab/modules"][1].decode().split() + late:
         assert f"lib/modules/{kver}/{rel}" in entries
-        assert entries[f"lib/modules/{kver}/{rel}"][1][:4] == b"\x7fELF"
+        ko = entries[f"lib/modules/{kver}/{rel}"][1]
+        assert ko[:4] == b"\x7fELF" and not ko.endswith(b"~Module signature appended~\n")
     if img.arch == "x86_64":
         assert img.vmlinux is not None and img.vmlinux.read_bytes()[:4] == b"\x7fELF"
     else:

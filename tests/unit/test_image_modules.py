@@ -113,3 +113,40 @@ def test_real_kernel_module_order(arch: str):
             assert dep in tree.builtin or pos[dep] < pos[m.name]
     vn = tree.module("virtio_net")
     assert "net_failover" in vn.depends
+
+
+def test_strip_signature():
+    """The appended signature (PKCS#7 blob, struct module_signature, magic) goes; an unsigned
+    module and a real one's ELF part stay byte for byte."""
+    from ptharness.image_modules import SIG_INFO, SIG_MAGIC, strip_signature
+
+    elf = fake_ko({"name": "a_mod", "depends": ""})
+    sig = bytes(range(200))
+    signed = elf + sig + SIG_INFO.pack(0, 0, 2, 0, 0, len(sig)) + SIG_MAGIC
+    assert strip_signature(signed) == elf
+    assert strip_signature(elf) == elf
+    with pytest.raises(ModuleError, match="exceeds"):
+        strip_signature(elf[:10] + SIG_INFO.pack(0, 0, 2, 0, 0, 1 << 20) + SIG_MAGIC)
+    from ptharness.image_modules import read_ko
+
+    kos = sorted(Path(image_mod.cache_root()).glob(
+        "pkg/*/*/lib/modules/*/kernel/drivers/firmware/qemu_fw_cfg.ko*"))
+    for ko in kos:  # Debian's real, signed modules when the package cache holds them
+        data = read_ko(ko)
+        stripped = strip_signature(data)
+        assert data.endswith(SIG_MAGIC) and len(stripped) < len(data) - 256
+        assert modinfo(stripped)["name"] == ["qemu_fw_cfg"]
+
+
+def test_module_lists_early_and_late(tmp_path):
+    """modules-<arch>.txt: NAME loads before SSH, NAME late after PTLAB-READY; anything else
+    is one clear error."""
+    good = tmp_path / "modules-x.txt"
+    good.write_text("# comment\nvirtio_pci\nqemu_fw_cfg late  # no dependents\nvirtio_net\n")
+    assert image_mod.module_lists(good) == (["virtio_pci", "virtio_net"], ["qemu_fw_cfg"])
+    bad = tmp_path / "modules-y.txt"
+    bad.write_text("virtio_pci early\n")
+    with pytest.raises(image_mod.ImageError, match="bad entry 'virtio_pci early'"):
+        image_mod.module_lists(bad)
+    real = image_mod.module_lists(image_mod.IMAGES / "modules-arm64.txt")
+    assert "virtio_net" in real[0] and "virtio_mem" in real[1]

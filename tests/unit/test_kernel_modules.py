@@ -75,3 +75,76 @@ def test_load_then_unload():
     unload(pt, lay)
     assert not list(Walker(fmt, mem, pt.root).run_table(BASE, BASE + 6 * K4))
     assert pt.table_count() == tables  # vunmap keeps the page tables
+
+
+def test_aliases_ro_on_load_reset_on_unload():
+    """x86 cpa_process_alias: set_memory_ro on a module page makes its direct-map alias RO
+    (splitting the 2M leaf holding it), NX changes do not reach the alias; vfree's
+    vm_remove_mappings leaves the alias RW and non-global, the split kept."""
+    fmt = by_name("x86_64-4level")
+    mem = SparseMemory(1 << 34)
+    pt = PageTable(fmt, mem, alloc=NormalAllocator(PhysPool(mem, 1 << 30, 64 << 20)))
+    dm = 0xFFFF_8880_0000_0000
+    pk = arch_for("x86_64").page_kernel
+    pt.map(dm, 0, 64 << 20, pk.with_(exec=False, uexec=False), page_sizes=[1 << 21])
+    lay = CoreLayout.of(SECTIONS, 20480)
+    pas = {BASE + i * K4: (0x1000 + 3 * i) * K4 for i in range(5)}
+    load(pt, lay, pas.__getitem__, pk, alias=lambda pa: dm + pa)
+
+    def alias_attrs() -> list[tuple[bool, bool, bool]]:
+        out = []
+        for pa in pas.values():
+            t = pt.translate(dm + pa)
+            out.append((t.attrs.writable, t.attrs.exec, t.attrs.global_))
+        return out
+
+    assert alias_attrs() == [(False, False, True)] * 3 + [(True, False, True)] * 2
+    assert pt.translate(dm + pas[BASE]).level == 0  # the 2M leaf was split
+    assert pt.translate(dm + 0x1001 * K4).attrs.writable  # the neighbours keep RW
+    unload(pt, lay, alias=lambda pa: dm + pa)
+    assert alias_attrs() == [(True, False, False)] * 5
+    assert not pt.translate(BASE).mapped
+
+
+def test_arm64_alias_covers_the_whole_area_and_gp():
+    """arm64 change_memory_common with rodata_full: a PTE_RDONLY change reaches the linear
+    alias of every page of the vm area (data included); set_memory_x sets PTE_GP with BTI;
+    vm_remove_mappings makes the aliases writable again."""
+    from ptlab.kernel.set_direct_map import GP_SW, Arm64Config
+
+    fmt = by_name("arm64-4k-48")
+    mem = SparseMemory(1 << 34)
+    pt = PageTable(fmt, mem, alloc=NormalAllocator(PhysPool(mem, 1 << 30, 64 << 20)))
+    lm = 0xFFFF_0000_0000_0000
+    pk = arch_for("arm64").page_kernel
+    pt.map(lm, 0, 64 << 20, pk, page_sizes=[K4])  # rodata=full: page-granular
+    base = 0xFFFF_8000_0100_0000
+    sections = {n: a - BASE + base for n, a in SECTIONS.items()}
+    lay = CoreLayout.of(sections, 20480)
+    pas = {base + i * K4: (0x1000 + 3 * i) * K4 for i in range(5)}
+    load(pt, lay, pas.__getitem__, pk, alias=lambda pa: lm + pa, arm64=Arm64Config(bti=True))
+    assert [pt.translate(lm + pa).attrs.writable for pa in pas.values()] == [False] * 5
+    assert pt.translate(lm + 0x1001 * K4).attrs.writable  # not a module page
+    assert [bool(pt.translate(v).attrs.sw & GP_SW) for v in pas] == [True] + [False] * 4
+    assert [pt.translate(v).attrs.exec for v in pas] == [True] + [False] * 4
+    unload(pt, lay, alias=lambda pa: lm + pa)
+    assert [pt.translate(lm + pa).attrs.writable for pa in pas.values()] == [True] * 5
+    assert [pt.translate(lm + pa).attrs.dbm for pa in pas.values()] == [True] * 5
+
+
+def test_init_layout_from_sections_and_the_walk_at_do_free_init():
+    """The init layout: sysfs sections outside the core, its pages as mapped when
+    do_free_init began, up to the guard page; a walk that stops short is refused."""
+    from ptharness.module_init_watch import init_layout
+    from ptlab.walk import Run
+
+    lay = CoreLayout.of(SECTIONS, 20480)
+    pk = arch_for("x86_64").page_kernel
+    init = BASE + 0x10000  # .init.text; .strtab at + 0x12DB0
+    runs = [Run(init, 2 * K4, 0x7000_0000, K4, 0, pk, 2),
+            Run(init + 2 * K4, K4, 0x5000_0000, K4, 0, pk, 1)]
+    assert init_layout(SECTIONS, lay, runs) == (init, [0x7000_0000, 0x7000_1000, 0x5000_0000])
+    with pytest.raises(ValueError, match="mapped to"):
+        init_layout(SECTIONS, lay, runs[:1])
+    core_only = {n: a for n, a in SECTIONS.items() if BASE <= a < BASE + 20480}
+    assert init_layout(core_only, lay, runs) == (0, [])

@@ -85,7 +85,7 @@ def test_x86_large_page_preserved_when_fully_covered_or_same_prot() -> None:
     va = X86_DM + G1 + M2  # a 2M leaf
     res = set_memory(pt, "ro", va, 512)  # exactly one aligned 2M page: changed in place
     assert not res.splits and res.preserved == 1 and res.changed == [(va, M2)]
-    assert raw_at(pt, va) == (1, (G1 + M2) | P | A | 1 << 7 | G | NX)  # RW and D cleared
+    assert raw_at(pt, va) == (1, (G1 + M2) | P | A | D | 1 << 7 | G | NX)  # RW cleared (6.1)
     assert pt.gather.flushes == 1
     res = set_memory(pt, "ro", va + 5 * K4, 3)  # already RO: sameprot, no split
     assert not res.splits and res.preserved == 1 and not res.changed

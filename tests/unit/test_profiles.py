@@ -19,6 +19,7 @@ from ptharness.profiles import (
     get_kernel,
     get_profile,
     kernel_cmdline,
+    kernel_series,
     qemu_command,
     select_profiles,
 )
@@ -76,6 +77,10 @@ def test_hotplug_geometry():
     assert any(a.startswith("virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0") for a in arm)
     assert "memhp_default_state=online_movable" in opt(arm, "-append")[0]
     assert not any("virtio-mem" in a for a in argv_for("arm64"))
+    # 6.12 onlines hot-added memory itself (MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO): x86 DIMMs
+    # must stay offline until the test onlines them, as on 6.1
+    assert "memhp_default_state=offline" in opt(x86, "-append")[0]
+    assert "memhp_default_state" not in opt(argv_for("x86_64"), "-append")[0]
 
 
 @pytest.mark.parametrize("kw", [{"mem_mb": 0}, {"mem_mb": 1023}, {"ssh_port": 0},
@@ -123,6 +128,18 @@ def test_kernels():
     assert [get_kernel(k) for k in KERNELS] == list(KERNELS)
     with pytest.raises(ValueError, match=r"^unknown kernel '5.10'; known: 6\.1"):
         get_kernel("5.10")
+    assert "6.12" in KERNELS
+    assert kernel_series("6.1.0-57-arm64") == "6.1"
+    assert kernel_series("6.12.117+deb12-amd64") == "6.12"
+    for bad in ("6.10.1-amd64", "5.10.0-30-amd64", ""):
+        with pytest.raises(ValueError, match="no known series"):
+            kernel_series(bad)
+    # arm64 6.12 is 52-bit LPA2 on 5 levels, 6.1 48-bit on 4; x86 does not change
+    levels = {p.name: (p.levels_on("6.1"), p.levels_on("6.12")) for p in PROFILES.values()}
+    assert levels == {"x86_64": (4, 4), "x86_64-la57": (5, 5), "x86_64-pti": (4, 4),
+                      "arm64": (4, 5), "arm64-kpti": (4, 5)}
+    with pytest.raises(ValueError, match="unknown kernel"):
+        PROFILES["arm64"].levels_on("6.6")
 
 
 def pytest_in(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

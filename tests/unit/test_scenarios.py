@@ -110,6 +110,21 @@ def test_find_user_roots():
         scenarios.find_user_roots(fmt, mem, {}, ranges)
 
 
+def test_find_user_roots_of_lpa2_pgd_cache_objects():
+    """arm64 5-level LPA2 (Linux 6.12): a process's pgd is a 128-byte pgd_cache object, so
+    roots sit at any 128-byte boundary, several to a page."""
+    from ptlab.formats.arm64 import Arm64
+
+    fmt = Arm64(4096, 52, upper=False)
+    assert fmt.entries(fmt.top_level) * 8 == 128
+    mem = SparseMemory(size=16 << 20)
+    nxt = [0x200000]
+    want = {0x7F00_0000_1000: 0x50_0000}
+    build_process(mem, fmt, 0x100080, nxt, want)  # type: ignore[arg-type]
+    build_process(mem, fmt, 0x100100, nxt, {0x7F00_0000_1000: 0x60_0000})  # type: ignore[arg-type]
+    assert scenarios.find_user_roots(fmt, mem, want, [(0, 16 << 20)]) == [0x100080]
+
+
 def test_kernel_half():
     assert scenarios.kernel_half(X86_64(4)) == (0xFFFF_8000_0000_0000, 1 << 64)
     assert scenarios.kernel_half(X86_64(5)) == (0xFF00_0000_0000_0000, 1 << 64)

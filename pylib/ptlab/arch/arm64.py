@@ -1,4 +1,5 @@
-"""arm64: everything architecture-specific that is not the entry codec (Linux 6.1).
+"""arm64: everything architecture-specific that is not the entry codec (Linux 6.1; the 6.9+
+layout of 6.12 where it differs: :func:`layout`).
 
 The entry codec is :mod:`ptlab.formats.arm64`. Each constant names the kernel source it
 comes from.
@@ -32,6 +33,16 @@ TCR_TG1_SHIFT = 30  # TCR_TG1_SHIFT: TG1 is bits 31:30
 TCR_TG1_GRANULE = {0b10: 4096, 0b01: 16384, 0b11: 65536}  # TCR_TG1_4K / _16K / _64K
 # TTBRn_EL1.BADDR without FEAT_LPA: bits 47:1 (TTBR_ASID_MASK 63:48 and TTBR_CNP_BIT 0 dropped)
 TTBR_BADDR = 0x0000_FFFF_FFFF_FFFE
+# With 52-bit PAs (ARM64_PA_BITS_52) BADDR is bits 47:2 and bits 5:2 hold PA[51:48]:
+# phys_to_ttbr(addr) = (addr | addr >> 46) & TTBR_BADDR_MASK_52 (asm/assembler.h, pgtable.h).
+TTBR_BADDR_52 = 0x0000_FFFF_FFFF_FFC0
+
+
+def ttbr_baddr(ttbr: int) -> int:
+    """PA of the table a TTBRn_EL1 value points to (``__phys_to_ttbr`` undone). Bits 5:2 are
+    zero for any table of 64 bytes or more in a 48-bit PA configuration, so one rule serves
+    both."""
+    return (ttbr & TTBR_BADDR_52) | (ttbr & 0x3C) << 46
 PAGE_SIZE = 4096  # the 4K-granule kernels booted here; PAGESIZE when VMCOREINFO lacks it
 # arch/arm64/kernel/vmlinux.lds.S (6.1): tramp_pg_dir, reserved_pg_dir, swapper_pg_dir follow
 # each other, one page each; KPTI's TTBR1 points at tramp_pg_dir at EL0.
@@ -55,38 +66,103 @@ SZ_1M = 1 << 20
 FIXADDR_PAGES = 1035
 
 
-def layout(va_bits: int = 48, page_shift: int = 12) -> dict[str, int]:
-    """Kernel VA layout (arch/arm64/include/asm/memory.h and pgtable.h, the 5.11..6.4 layout:
-    linear map, modules, vmalloc, fixmap, PCI I/O, vmemmap)."""
-    va_min = min(va_bits, 48)  # VA_BITS_MIN
-    page_offset = (-(1 << va_bits)) % (1 << 64)  # _PAGE_OFFSET(VA_BITS)
-    page_end = (-(1 << (va_min - 1))) % (1 << 64)  # _PAGE_END(VA_BITS_MIN)
+SZ_1G = 1 << 30
+U64_MOD = 1 << 64
+
+
+def lpa2_kernel(va_bits: int, page_shift: int) -> bool:
+    """A 52-bit kernel VA with a 4K or 16K granule needs FEAT_LPA2, which Linux supports from
+    6.9 on (ARM64_LPA2) -- the same series that moved the fixmap, PCI I/O and vmemmap to the
+    top of the address space, so such a format proves the 6.9+ layout."""
+    return va_bits == 52 and page_shift in (12, 14)
+
+
+def layout(va_bits: int = 48, page_shift: int = 12, *,
+           top_vmemmap: bool | None = None) -> dict[str, int]:
+    """Kernel VA layout (arch/arm64/include/asm/memory.h and pgtable.h).
+
+    ``top_vmemmap`` False: the 5.11..6.4 layout of Debian's 6.1 (linear map, 128 MiB of modules,
+    vmalloc, fixmap, PCI I/O, vmemmap). True: the 6.9+ layout of Debian's 6.12 (2 GiB of
+    modules since 6.5; vmemmap ends at -1 GiB, PCI I/O 8 MiB above it, FIXADDR_TOP at -8 MiB,
+    VMEMMAP_SIZE covers the linear map of VA_BITS_MIN, vmalloc ends 8 MiB below vmemmap;
+    checked against the VMCOREINFO ranges of Debian's 6.12.117). None: True exactly when the
+    format is one only a 6.9+ kernel can run (:func:`lpa2_kernel`); pass the kernel's own
+    answer when known (:func:`layout_from_vmcoreinfo`)."""
+    if top_vmemmap is None:
+        top_vmemmap = lpa2_kernel(va_bits, page_shift)
+    va_min = va_bits if va_bits <= 48 else 47 if page_shift == 14 else 48  # VA_BITS_MIN
+    page_offset = (-(1 << va_bits)) % U64_MOD  # _PAGE_OFFSET(VA_BITS)
+    page_end = (-(1 << (va_min - 1))) % U64_MOD  # _PAGE_END(VA_BITS_MIN)
     vmemmap_shift = page_shift - 6  # VMEMMAP_SHIFT: PAGE_SHIFT - STRUCT_PAGE_MAX_SHIFT
-    vmemmap_start = (-(1 << (va_bits - vmemmap_shift))) % (1 << 64)  # VMEMMAP_START
     vmemmap_size = (page_end - page_offset) >> vmemmap_shift  # VMEMMAP_SIZE
-    pci_io_end = vmemmap_start - 8 * SZ_1M  # PCI_IO_END
+    if top_vmemmap:
+        modules_vsize = 2 * SZ_1G  # MODULES_VSIZE (SZ_2G)
+        vmemmap_end = U64_MOD - SZ_1G  # VMEMMAP_END = -SZ_1G
+        vmemmap_start = vmemmap_end - vmemmap_size  # VMEMMAP_END - VMEMMAP_SIZE
+        pci_io_start = vmemmap_end + 8 * SZ_1M  # PCI_IO_START = VMEMMAP_END + SZ_8M
+        pci_io_end = pci_io_start + 16 * SZ_1M
+        fixaddr_top = U64_MOD - 8 * SZ_1M  # FIXADDR_TOP = -SZ_8M
+        vmalloc_end = vmemmap_start - 8 * SZ_1M  # VMALLOC_END = VMEMMAP_START - SZ_8M
+    else:
+        modules_vsize = 128 * SZ_1M
+        vmemmap_start = (-(1 << (va_bits - vmemmap_shift))) % U64_MOD  # VMEMMAP_START
+        vmemmap_end = vmemmap_start + vmemmap_size
+        pci_io_end = vmemmap_start - 8 * SZ_1M  # PCI_IO_END
+        pci_io_start = pci_io_end - 16 * SZ_1M  # PCI_IO_END - PCI_IO_SIZE
+        fixaddr_top = vmemmap_start - 32 * SZ_1M  # FIXADDR_TOP
+        vmalloc_end = vmemmap_start - 256 * SZ_1M  # VMALLOC_END = VMEMMAP_START - SZ_256M
     return {
         "PAGE_OFFSET": page_offset,
         "PAGE_END": page_end,
         "MODULES_VADDR": page_end,  # MODULES_VADDR = _PAGE_END(VA_BITS_MIN)
-        "MODULES_END": page_end + 128 * SZ_1M,  # + MODULES_VSIZE
-        "VMALLOC_START": page_end + 128 * SZ_1M,  # VMALLOC_START = MODULES_END
-        "VMALLOC_END": vmemmap_start - 256 * SZ_1M,  # pgtable.h VMALLOC_END
-        "FIXADDR_TOP": vmemmap_start - 32 * SZ_1M,  # FIXADDR_TOP
-        "PCI_IO_START": pci_io_end - 16 * SZ_1M,  # PCI_IO_START = PCI_IO_END - PCI_IO_SIZE
+        "MODULES_END": page_end + modules_vsize,  # + MODULES_VSIZE
+        "VMALLOC_START": page_end + modules_vsize,  # VMALLOC_START = MODULES_END
+        "VMALLOC_END": vmalloc_end,  # pgtable.h
+        "FIXADDR_TOP": fixaddr_top,
+        "PCI_IO_START": pci_io_start,
         "PCI_IO_END": pci_io_end,
         "VMEMMAP_START": vmemmap_start,
-        "VMEMMAP_END": vmemmap_start + vmemmap_size,  # VMEMMAP_END
+        "VMEMMAP_END": vmemmap_end,
     }
+
+
+# The ranges arch_crash_save_vmcoreinfo() exports (arch/arm64/kernel/crash_core.c, 6.1 and 6.12)
+VMCOREINFO_RANGES = ("MODULES_VADDR", "MODULES_END", "VMALLOC_START", "VMALLOC_END",
+                     "VMEMMAP_START", "VMEMMAP_END")
+
+
+def layout_from_vmcoreinfo(vmci: Any, page_shift: int | None = None) -> dict[str, int]:
+    """The layout of the kernel that wrote ``vmci``: its own MODULES/VMALLOC/VMEMMAP ranges,
+    the rest (linear map, fixmap, PCI I/O) by :func:`layout` for the generation those ranges
+    show (VMEMMAP_END at -1 GiB: 6.9+). ArchError when a range disagrees with the formula:
+    a layout this module does not know."""
+    shift = page_shift or (vmci.page_size or PAGE_SIZE).bit_length() - 1
+    va_bits = vmci.number("VA_BITS")
+    own = {k: vmci.number(k) % U64_MOD for k in VMCOREINFO_RANGES if vmci.has("NUMBER", k)}
+    top = own.get("VMEMMAP_END") == U64_MOD - SZ_1G if "VMEMMAP_END" in own else None
+    lay = layout(va_bits, shift, top_vmemmap=top)
+    wrong = {k: v for k, v in own.items() if lay[k] != v}
+    if wrong:
+        raise ArchError("arm64 VMCOREINFO ranges differ from the known layouts: " + ", ".join(
+            f"{k} {v:#x} (expected {lay[k]:#x})" for k, v in wrong.items()))
+    return lay
 
 
 def markers(va_bits: int = 48, page_shift: int = 12, *,
             fixaddr_start: int | None = None) -> list[Marker]:
-    """``address_markers[]`` of arch/arm64/mm/ptdump.c (no KASAN), END-terminated.
-    FIXADDR_START depends on the configured fixmap slots: pass the guest's value."""
+    """``address_markers[]`` of arch/arm64/mm/ptdump.c (no KASAN), END-terminated, in address
+    order (the 6.9+ layout puts vmemmap and PCI I/O below the fixmap). FIXADDR_START depends
+    on the configured fixmap slots: pass the guest's value."""
     lay = layout(va_bits, page_shift)
     fix = fixaddr_start if fixaddr_start is not None else (
         lay["FIXADDR_TOP"] - FIXADDR_PAGES * (1 << page_shift))
+    regions = [
+        [Marker(fix, "Fixmap start"), Marker(lay["FIXADDR_TOP"], "Fixmap end")],
+        [Marker(lay["PCI_IO_START"], "PCI I/O start"), Marker(lay["PCI_IO_END"], "PCI I/O end")],
+        [Marker(lay["VMEMMAP_START"], "vmemmap start"),
+         Marker(lay["VMEMMAP_END"], "vmemmap end")],
+    ]
+    regions.sort(key=lambda pair: pair[0].start)
     return [
         Marker(lay["PAGE_OFFSET"], "Linear Mapping start"),
         Marker(lay["PAGE_END"], "Linear Mapping end"),
@@ -94,12 +170,7 @@ def markers(va_bits: int = 48, page_shift: int = 12, *,
         Marker(lay["MODULES_END"], "Modules end"),
         Marker(lay["VMALLOC_START"], "vmalloc() area"),
         Marker(lay["VMALLOC_END"], "vmalloc() end"),
-        Marker(fix, "Fixmap start"),
-        Marker(lay["FIXADDR_TOP"], "Fixmap end"),
-        Marker(lay["PCI_IO_START"], "PCI I/O start"),
-        Marker(lay["PCI_IO_END"], "PCI I/O end"),
-        Marker(lay["VMEMMAP_START"], "vmemmap start"),
-        Marker(lay["VMEMMAP_END"], "vmemmap end"),
+        *(m for pair in regions for m in pair),
         END,
     ]
 
@@ -234,19 +305,19 @@ class Arm64Ops(ArchOps):
         ttbr1 = regs.get("ttbr1_el1")
         if ttbr1 is None:
             raise ArchError(f"{where} hold no TTBR1_EL1")
-        return ttbr1 & TTBR_BADDR, f"{where} TTBR1_EL1 {ttbr1:#x}"
+        return ttbr_baddr(ttbr1), f"{where} TTBR1_EL1 {ttbr1:#x}"
 
     def check_root(self, regs: Mapping[str, int], root: int, mem: Any,
                    isolation: bool) -> None:
         """TTBR1_EL1 is swapper_pg_dir, or with KPTI at EL0 tramp_pg_dir."""
-        base = regs["ttbr1_el1"] & TTBR_BADDR
+        base = ttbr_baddr(regs["ttbr1_el1"])
         allowed = {root, root - TRAMP_SWAPPER_OFFSET} if isolation else {root}
         if base not in allowed:
             raise ArchError(f"TTBR1_EL1 {regs['ttbr1_el1']:#x} is not {self.root_symbol} "
                             f"{root:#x}")
 
     def user_regime(self, regs: Mapping[str, int], kernel_root: int) -> bool:
-        return regs["ttbr1_el1"] & TTBR_BADDR == kernel_root - TRAMP_SWAPPER_OFFSET
+        return ttbr_baddr(regs["ttbr1_el1"]) == kernel_root - TRAMP_SWAPPER_OFFSET
 
     # --- ptdump --------------------------------------------------------------------------
     def ptdump_markers(self, fmt: Format, **overrides: Any) -> list[Marker]:

@@ -23,25 +23,15 @@ shows a progress line on stderr (:mod:`.progress`).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from ..memory import MemoryError_
 from ..memory.raw import FileChanged
 from .args import build_parser
-from .cmd_check import cmd_check
-from .cmd_diff import cmd_diff
-from .cmd_disasm import cmd_disasm
-from .cmd_info import cmd_info
-from .cmd_kaslr import cmd_kaslr
-from .cmd_map import cmd_map
-from .cmd_ptdump import cmd_ptdump
-from .cmd_search import cmd_search
-from .cmd_translate import cmd_translate
-from .cmd_walk import cmd_walk
-from .cmd_wx import cmd_wx
 from .errors import CliError
 from .infer import infer_format, infer_root
 from .inputs import SCAN_LIMIT, Source, dump_kind, load_vmcoreinfo, open_input
@@ -53,16 +43,23 @@ from .walking import MAX_WALK_WORK, walk_budget
 
 __all__ = [
     "COMMANDS", "MAX_WALK_WORK", "SCAN_LIMIT", "CliError", "RunLines", "Source", "attrs_text",
-    "build_parser", "dump_kind", "infer_format", "infer_root", "level_name", "load_vmcoreinfo",
-    "main", "one_line", "open_input", "parse_int", "parse_region", "parse_va", "run_json",
+    "build_parser", "command", "dump_kind", "infer_format", "infer_root", "level_name",
+    "load_vmcoreinfo", "main", "one_line", "open_input", "parse_int", "parse_region", "parse_va",
+    "run_json",
     "run_text", "size_text", "walk_budget", "write_lines",
 ]
 
 
-COMMANDS = {"check": cmd_check, "diff": cmd_diff, "disasm": cmd_disasm, "info": cmd_info,
-            "kaslr": cmd_kaslr, "map": cmd_map,
-            "search": cmd_search, "translate": cmd_translate, "walk": cmd_walk,
-            "ptdump": cmd_ptdump, "wx": cmd_wx}
+# subcommand -> its function, in module cmd_<name> (imported when the command runs: a walk
+# does not pay for capstone, the diff engine or the SVG writer)
+COMMANDS = ("check", "diff", "disasm", "info", "kaslr", "map", "search", "translate", "walk",
+            "ptdump", "wx")
+
+
+def command(name: str) -> Callable[..., int]:
+    """The function of subcommand ``name`` (``cmd_<name>`` of module ``cmd_<name>``)."""
+    module = importlib.import_module(f"{__name__}.cmd_{name}")
+    return getattr(module, f"cmd_{name}")  # type: ignore[no-any-return]
 
 
 def main(argv: Sequence[str] | None = None, out: IO[str] | None = None,
@@ -76,7 +73,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None,
         src = open_input(args, err)
         progress = Progress(src.mem, err, args.cmd) if wanted(err) else None
         try:
-            status = COMMANDS[args.cmd](src, args, out)
+            status = command(args.cmd)(src, args, out)
         finally:
             if progress is not None:
                 progress.stop()

@@ -23,7 +23,10 @@ def cmd_walk(src: Source, args: argparse.Namespace, out: IO[str]) -> int:
     table = walker.run_table(start, end)
     if args.json:
         return walk_json(fmt, walker, table, out)
-    n = write_lines(out, RunLines(fmt).rows(table.rows()))
+    n = 0
+    for text, lines in RunLines(fmt).chunks(table.rows()):
+        out.write(text)
+        n += lines
     for a in walker.anomalies:
         out.write(f"# anomaly va {a.va:#x} {level_name(fmt, a.level)} entry @{a.entry_pa:#x} "
                   f"= {a.raw:#018x}: {a.reason}\n")

@@ -88,8 +88,8 @@ def infer_root(src: Source, args: argparse.Namespace, fmt: Format) -> int:
                 raise CliError(f"{e}; pass --root") from None
         if root is None and src.kind == "qmp":
             raise CliError(f"cannot infer the root: QEMU's monitor shows no {src.machine} root "
-                           "register (HMP 'info registers' prints no TTBR1 on arm64); pass "
-                           "--root PA or --vmcoreinfo scan")
+                           "register (HMP 'info registers' prints no TTBR1 on arm64) and no "
+                           "usable VMCOREINFO note is in guest RAM; pass --root PA")
         if root is None:
             raise CliError("cannot infer the root (no usable VMCOREINFO, no CPU root-register "
                            "note); pass --root PA or --vmcoreinfo")

@@ -6,16 +6,18 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ..memory import ElfCore, PhysMemory, RawImage, VmcoreInfo
-from ..memory.kdump import KdumpCompressed, is_kdump
-from ..memory.qmp_live import LiveQemu, attach
 from ..memory.raw import FileChanged, ImageError, open_regular, pread_exact
 from ..memory.vmcoreinfo import MAX_NOTE, find_vmcoreinfo
 from .errors import CliError
 from .numbers import parse_region
 from .text import size_text
+
+if TYPE_CHECKING:  # imported where used: a walk of an ELF dump needs neither
+    from ..memory.kdump import KdumpCompressed
+    from ..memory.qmp_live import LiveQemu
 
 SCAN_LIMIT = 8 << 30  # bytes `--vmcoreinfo scan` reads at most (from the lowest PA up)
 
@@ -55,6 +57,8 @@ def open_input(args: argparse.Namespace, err: IO[str] | None = None) -> Source:
     if given[0] == "qmp":
         if args.region:
             raise CliError("--region applies to raw images, not to --qmp")
+        from ..memory.qmp_live import attach
+
         live = attach(path, copy=args.qmp_copy,
                       say=lambda s: (err.write(s + "\n"), err.flush()) if err else None)
         src = Source(live, "qmp", path, live)
@@ -63,6 +67,9 @@ def open_input(args: argparse.Namespace, err: IO[str] | None = None) -> Source:
         if live.copied:
             src.notes.append("RAM read by QMP pmemsave" + (" (the rest)" if live.shared else
                              " (no shared file backend ptlab can open)"))
+        if (args.vmcoreinfo is None and (args.root is None or args.format is None)
+                and not any(c.control for c in live.cpus)):
+            return _live_vmcoreinfo(src)
         return _with_vmcoreinfo(src, args)
     kind = dump_kind(path) if given[0] == "dump" else given[0]
     if args.region and kind != "raw":
@@ -70,6 +77,8 @@ def open_input(args: argparse.Namespace, err: IO[str] | None = None) -> Source:
     if kind == "elf":
         core: ElfCore | KdumpCompressed = ElfCore(path)
     elif kind == "kdump":
+        from ..memory.kdump import KdumpCompressed
+
         core = KdumpCompressed(path)
     else:
         regions = [parse_region(r) for r in args.region] if args.region else None
@@ -88,7 +97,26 @@ def dump_kind(path: str) -> str:
         raise CliError(f"{path} is empty")
     if head.startswith(b"\x7fELF"):
         return "elf"
+    from ..memory.kdump import is_kdump
+
     return "kdump" if is_kdump(head) else "raw"
+
+
+def _live_vmcoreinfo(src: Source) -> Source:
+    """A live QEMU whose monitor shows no root register (arm64's ``info registers`` has no
+    TTBR/TCR): the kernel's own VMCOREINFO note, found in guest RAM as ``--vmcoreinfo scan``
+    does, names the format and root; without one the later inference says what to pass."""
+    try:
+        src.vmcoreinfo = load_vmcoreinfo("scan", src)
+    except CliError:
+        src.notes.append(f"no root register from QEMU's monitor and no VMCOREINFO note in "
+                         f"the first {size_text(SCAN_LIMIT)} of guest RAM")
+    except BaseException:
+        src.mem.close()
+        raise
+    else:
+        src.notes[-1] += f" (QEMU's monitor shows no {src.machine} root register)"
+    return src
 
 
 def _with_vmcoreinfo(src: Source, args: argparse.Namespace) -> Source:

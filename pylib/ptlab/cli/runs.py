@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from itertools import islice
+from operator import add
 from typing import Any
 
 from ..formats.base import Attrs, Format
@@ -54,6 +56,35 @@ class RunLines:
             if sz is None:
                 sz = sizes[size] = f"{size_text(size):>6}"
             yield f"{va:#018x}-{va + size:#018x} {sz}  pa {pa:#014x}  {count:>6} x {hit[1]}"
+
+
+    def chunks(self, rows: Iterable[RunRow], chunk: int = 4096) -> Iterator[tuple[str, int]]:
+        """:meth:`rows` as text blocks of up to ``chunk`` lines (each line ends in a newline)
+        and their line count: the rows are transposed and every block formatted by one
+        ``%`` of a repeated line template, without a Python call per line."""
+        tails, sizes = self._tails, self._sizes
+        it = iter(rows)
+        while part := list(islice(it, chunk)):
+            vas, lens, pas, psizes, levels, attrs, counts, _, _ = zip(*part, strict=True)
+            szs = [sizes.get(n) or self._size(n) for n in lens]
+            tls = [(tails.get((p, lv, id(a))) or self._tail(p, lv, a))[1]
+                   for p, lv, a in zip(psizes, levels, attrs, strict=True)]
+            flat: list[Any] = [None] * (6 * len(part))
+            flat[0::6], flat[1::6], flat[2::6] = vas, list(map(add, vas, lens)), szs
+            flat[3::6], flat[4::6], flat[5::6] = pas, counts, tls
+            yield (_LINE * len(part)) % tuple(flat), len(part)
+
+    def _size(self, n: int) -> str:
+        text = self._sizes[n] = f"{size_text(n):>6}"
+        return text
+
+    def _tail(self, psize: int, level: int, attrs: Attrs) -> tuple[Attrs, str]:
+        hit = self._tails[(psize, level, id(attrs))] = (
+            attrs, f"{size_text(psize):<4} {level_name(self.fmt, level):<4} {attrs_text(attrs)}")
+        return hit
+
+
+_LINE = "%#018x-%#018x %s  pa %#014x  %6d x %s\n"  # RunLines' line, for chunks()
 
 
 def run_json(fmt: Format, r: Any) -> dict[str, Any]:

@@ -169,6 +169,10 @@ class ProtectOps(TableCore):
 
     def _apply(self, tx: Txn, root: Cursor, fn: ApplyFn) -> int:
         count = 0
+        # fn's attrs object (by identity: 1 == True) -> checked, normalised; kept alive here
+        normed: dict[int, tuple[Attrs, Attrs]] = {}
+        # new leaves, encoded at the end per (table, entries, level, attrs): [attrs, idx, oas]
+        leaves: dict[tuple[int, int, int, int], tuple[Attrs, list[int], list[int]]] = {}
         for c, i in list(leaf_cursors(root)):
             count += 1
             old = c.entry(i)
@@ -179,18 +183,46 @@ class ProtectOps(TableCore):
                 raise EngineError(f"apply: fn must return None or a LEAF/EMPTY Entry, got {new!r}")
             if old.attrs.contiguous:
                 self._uncont(tx, c, i)
-            raw = 0
             if new.kind is Kind.LEAF:
-                na = self._normalize(new.attrs)
-                if na.contiguous:  # one leaf alone: the hint is the engine's to manage
-                    na = na.with_(contiguous=False)
-                try:
-                    raw = self.fmt.encode(Entry(Kind.LEAF, new.oa, na), c.level)
-                except FormatError as e:
-                    raise EngineError(f"apply: {e}") from None
-            tx.write(c.table, c.n)[i] = raw
+                hit = normed.get(id(new.attrs))
+                if hit is not None and hit[0] is new.attrs:
+                    na = hit[1]
+                else:
+                    na = self._normalize(new.attrs)
+                    if na.contiguous:  # one leaf alone: the hint is the engine's to manage
+                        na = na.with_(contiguous=False)
+                    normed[id(new.attrs)] = (new.attrs, na)
+                group = leaves.get((c.table, c.n, c.level, id(na)))
+                if group is None:
+                    group = leaves[(c.table, c.n, c.level, id(na))] = (na, [], [])
+                group[1].append(i)
+                group[2].append(new.oa)
+            else:
+                tx.write(c.table, c.n)[i] = 0
             tx.flush(*c.span(i))
+        for (table, n, level, _), (na, idx, oas) in leaves.items():
+            tx.write(table, n)[idx] = self._encode_leaves(oas, na, level)
         return count
+
+    def _encode_leaves(self, oas: list[int], attrs: Attrs, level: int) -> np.ndarray:
+        """Raw leaves for ``oas`` (vectorised when every OA is a valid, aligned address;
+        else the scalar codec, which names the bad one)."""
+        try:
+            self.fmt.encode(Entry(Kind.LEAF, oas[0], attrs), level)  # level, attrs, type
+            arr = np.array(oas, dtype=np.uint64)
+        except FormatError as e:
+            raise EngineError(f"apply: {e}") from None
+        except (TypeError, ValueError, OverflowError):
+            arr = None
+        size = self.fmt.entry_size(level)
+        if arr is not None and not (arr & np.uint64(size - 1)).any() \
+                and not (arr >> np.uint64(self.fmt.pa_bits)).any():
+            return self.enc.encode(arr, attrs, level)
+        try:
+            return np.array([self.fmt.encode(Entry(Kind.LEAF, oa, attrs), level) for oa in oas],
+                            dtype=np.uint64)
+        except FormatError as e:
+            raise EngineError(f"apply: {e}") from None
 
     def set_table_attrs(self, va: int, level: int, attrs: Attrs) -> None:
         """Give the table entry at ``level`` covering ``va`` the restrictions ``attrs``

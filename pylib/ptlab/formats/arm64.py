@@ -46,6 +46,7 @@ Layout decisions (the ``Attrs`` an entry decodes to):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -471,3 +472,22 @@ class Arm64(Format):
 
 _ALL = [(g, v) for g in (4096, 16384, 65536) for v in _VA_BITS[g]]
 CONFIGS: list[Format] = [Arm64(g, v) for g, v in _ALL] + [Arm64(4096, 48, upper=False)]
+
+
+def variant(name: str) -> Format | None:
+    """The TTBR0 (user) regime of a kernel configuration by name, ``<config>-ttbr0`` (e.g.
+    ``arm64-4k-52-ttbr0`` for a process under a 52-bit kernel); None for other names."""
+    base = name.removesuffix("-ttbr0")
+    if base == name:
+        return None
+    for f in CONFIGS:
+        if f.upper and f.name == base:
+            return _ttbr0(f.granule, f.va_bits)
+    return None
+
+
+@functools.cache
+def _ttbr0(granule: int, va_bits: int) -> Format:
+    if (granule, va_bits) == (4096, 48):
+        return CONFIGS[-1]  # the catalogued arm64-4k-48-ttbr0
+    return Arm64(granule, va_bits, upper=False)

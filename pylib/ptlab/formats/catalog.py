@@ -14,10 +14,15 @@ def all_configs() -> list[Format]:
 
 
 def by_name(name: str) -> Format:
-    """The configuration called ``name`` (e.g. ``x86_64-5level``, ``arm64-4k-48``)."""
+    """The configuration called ``name`` (e.g. ``x86_64-5level``, ``arm64-4k-48``), or a
+    variant a format module builds on demand (``arm64-4k-52-ttbr0``: the user regime of a
+    52-bit arm64 kernel, :func:`ptlab.formats.arm64.variant`)."""
+    from .arm64 import variant as arm64_variant
+
     configs = {f.name: f for f in all_configs()}
-    try:
-        return configs[name]
-    except KeyError:
+    found = configs.get(name) or arm64_variant(name)
+    if found is None:
         known = ", ".join(sorted(configs))
-        raise ValueError(f"unknown format {name!r} (known: {known})") from None
+        raise ValueError(f"unknown format {name!r} (known: {known}, and the -ttbr0 of each "
+                         "arm64 one)")
+    return found

@@ -17,10 +17,15 @@ Layout decisions (the ``Attrs`` an entry decodes to):
 * ``exec`` == ``uexec`` == not NX (bit 63): x86 has one NX bit. :meth:`X86_64.normalize` picks
   the field that governs the entry's audience: ``uexec`` when ``user`` is set, else ``exec``
   (with SMEP the kernel never executes user pages, and users never reach kernel pages).
-* Non-zero entries with P clear: at level 0, and at levels 1/2 with PS set, a ``LEAF`` with
-  ``present=False``; at levels 1/2 with PS clear and at levels >= 3, a ``TABLE`` with
-  ``present=False`` (reported as an anomaly: the CPU ignores it, the kernel never makes one
-  except as a pmd swap/migration entry). L1TF (arch/x86/include/asm/pgtable-invert.h): the
+* Non-zero entries with P clear: at levels 0..2 a ``LEAF`` with ``present=False``, PS set or
+  not (the kernel's ``lookup_address`` returns a pmd/pud that is ``pmd_leaf() ||
+  !pmd_present()`` as the large "pte", and CPA's ``__should_split_large_page`` clears
+  ``_PAGE_PSE`` together with ``_PAGE_PRESENT`` so that ``pmd_present()`` stays false; a THP
+  swap/migration pmd has no PS either). Without PS the OA is read with ``PTE_PFN_MASK``
+  (``pmd_pfn_mask``), bit 12 is an OA bit rather than PAT, and ``sw`` bit :data:`SW_NO_PS`
+  records the missing PS so that the entry round-trips. At levels >= 3 such an entry is a
+  ``TABLE`` with ``present=False`` (reported as an anomaly: the CPU ignores it, the kernel
+  never makes one). L1TF (arch/x86/include/asm/pgtable-invert.h): the
   output-address bits of such a pte/pmd/pud are stored inverted (``__pte_needs_invert``:
   ``val && !(val & _PAGE_PRESENT)``), which decode undoes as pte_pfn/pmd_pfn/pud_pfn do and
   encode applies as pfn_pte/pfn_pmd/pfn_pud do. p4d/pgd values are never inverted (p4d_pfn,
@@ -55,6 +60,8 @@ NX = 1 << 63  # _PAGE_NX
 SW_BITS: tuple[int, ...] = (9, 10, 11, 52, 53, 54, 55, 56, 57, 58)
 SW_WIDTH = len(SW_BITS)
 SW_MASK = sum(1 << b for b in SW_BITS)
+# sw index, non-present pmd/pud leaves only: stored without PS (CPA's non-present large page)
+SW_NO_PS = SW_WIDTH
 
 PA_BITS = 52  # __PHYSICAL_MASK_SHIFT
 PHYS_MASK = (1 << PA_BITS) - 1
@@ -116,15 +123,19 @@ class X86_64(Format):
         if raw == 0:
             return EMPTY
         present = bool(raw & P)
+        sw = _sw_pack(raw)
         if level == 0 or (level in self._leaf_levels and raw & PS):
             kind, oa_mask = Kind.LEAF, self._leaf_oa[level]
+        elif level in self._leaf_levels and not present:  # pmd_pfn_mask() without PS
+            kind, oa_mask, sw = Kind.LEAF, PTE_PFN_MASK, sw | 1 << SW_NO_PS
         else:
             kind, oa_mask = Kind.TABLE, PTE_PFN_MASK
         value = raw ^ U64 if not present and self._inverts(level) else raw
         executable = not raw & NX
         cache = (1 if raw & PWT else 0) | (2 if raw & PCD else 0)
         if kind is Kind.LEAF:
-            cache |= 4 if raw & (PAT if level == 0 else PAT_LARGE) else 0
+            pat = PAT if level == 0 else PAT_LARGE if raw & PS else 0
+            cache |= 4 if raw & pat else 0
             pkey = (raw >> PKEY_SHIFT) & 0xF
         else:
             pkey = 0
@@ -138,19 +149,28 @@ class X86_64(Format):
             accessed=bool(raw & A),
             dirty=bool(raw & D),
             cache=cache,
-            sw=_sw_pack(raw),
+            sw=sw,
             pkey=pkey,
         )
         return Entry(kind, value & oa_mask, attrs)
 
     def _encode(self, entry: Entry, level: int) -> int:
         kind = entry.kind
+        no_ps = kind is Kind.LEAF and not entry.attrs.present and entry.attrs.sw >> SW_NO_PS & 1
         if kind is Kind.LEAF:
             if level not in self._leaf_levels:
                 raise FormatError(
                     f"{self.name}: no leaf at level {level} ({self.level_name(level)})"
                 )
             oa_mask, align = self._leaf_oa[level], self.entry_size(level)
+            if no_ps:
+                if level == 0:
+                    raise FormatError(f"{self.name}: sw bit {SW_NO_PS} (no PS) is for a "
+                                      "non-present pmd/pud, not a pte")
+                if entry.attrs.cache & 4:
+                    raise FormatError(f"{self.name}: a non-present {self.level_name(level)} "
+                                      "without PS has no PAT bit (bit 12 is an OA bit)")
+                oa_mask, align = PTE_PFN_MASK, self.table_bytes
         elif kind is Kind.TABLE:
             if level == 0:
                 raise FormatError(f"{self.name}: a pte cannot point to a table")
@@ -174,13 +194,13 @@ class X86_64(Format):
             | (D if a.dirty else 0)
             | (G if a.global_ else 0)
             | (0 if a.exec else NX)
-            | _sw_unpack(a.sw)
+            | _sw_unpack(a.sw & ((1 << SW_WIDTH) - 1))
         )
         if kind is Kind.LEAF:
             raw |= a.pkey << PKEY_SHIFT
             if level == 0:
                 raw |= PAT if a.cache & 4 else 0
-            else:
+            elif not no_ps:
                 raw |= PS | (PAT_LARGE if a.cache & 4 else 0)
         oa = int(oa)
         raw |= (oa ^ U64) & oa_mask if not a.present and self._inverts(level) else oa
@@ -193,8 +213,9 @@ class X86_64(Format):
             raise FormatError(f"{self.name}: cache index {attrs.cache!r} is not 0..7")
         if not 0 <= attrs.pkey <= 15:
             raise FormatError(f"{self.name}: protection key {attrs.pkey!r} is not 0..15")
-        if not 0 <= attrs.sw < 1 << SW_WIDTH:
-            raise FormatError(f"{self.name}: sw {attrs.sw!r} does not fit in {SW_WIDTH} bits")
+        width = SW_WIDTH + (kind is Kind.LEAF and not attrs.present)  # + SW_NO_PS
+        if not 0 <= attrs.sw < 1 << width:
+            raise FormatError(f"{self.name}: sw {attrs.sw!r} does not fit in {width} bits")
         executable = attrs.uexec if attrs.user else attrs.exec
         leaf = kind is Kind.LEAF
         return Attrs(
@@ -223,6 +244,8 @@ class X86_64(Format):
                 f"PS set in a {name} entry: reserved (no leaf at this level); "
                 "decoded as a table, PS dropped"
             )
+        if level in (1, 2) and not present and not raw & PS:
+            return out  # CPA's non-present large page (or a pmd swap entry): a leaf, no PS
         leaf = level == 0 or (level in self._leaf_levels and raw & PS)
         if leaf:
             rsvd = raw & self._leaf_rsvd[level]
@@ -241,8 +264,8 @@ class X86_64(Format):
                 )
             if not present:
                 out.append(
-                    f"non-present non-zero {name} entry without PS: neither a page nor a "
-                    "usable table (swap/migration entry or garbage); do not descend"
+                    f"non-present non-zero {name} entry: neither a page nor a usable table "
+                    "(garbage; the kernel never writes one); do not descend"
                 )
         return out
 
@@ -253,8 +276,9 @@ class X86_64(Format):
         nonzero = (r != 0).view(np.uint8)  # EMPTY 0 / TABLE 1
         if level == 0:
             return nonzero * np.uint8(Kind.LEAF)
-        if level in self._leaf_levels:  # PS adds 1: TABLE -> LEAF (PS is clear in 0)
-            return nonzero + ((r >> np.uint64(7)) & np.uint64(1)).astype(np.uint8)
+        if level in self._leaf_levels:  # PS or !P adds 1: TABLE -> LEAF (0 stays EMPTY)
+            leaf = ((r >> np.uint64(7)) | ~r) & np.uint64(1)
+            return nonzero + nonzero * leaf.astype(np.uint8)
         return nonzero.copy()
 
     def oas(self, raws: np.ndarray, level: int) -> np.ndarray:
@@ -281,7 +305,9 @@ class X86_64(Format):
             return r & np.uint64(table_keep & ~PS)
         leaf_keep = U64 & ~(self._leaf_oa[level] | self._leaf_rsvd[level])
         ps = (r & np.uint64(PS)) != 0
-        return r & np.where(ps, np.uint64(leaf_keep), np.uint64(table_keep))
+        no_ps_leaf = U64 & ~PTE_PFN_MASK  # non-present without PS: a leaf, pkey kept
+        keep = np.where((r & np.uint64(P)) == 0, np.uint64(no_ps_leaf), np.uint64(table_keep))
+        return r & np.where(ps, np.uint64(leaf_keep), keep)
 
     def ad_mask(self) -> int:
         return A | D

@@ -23,8 +23,6 @@ A page of RAM that is not in the dump (filtered by the dump level, or not writte
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
 import os
 import struct
 import zlib
@@ -90,6 +88,8 @@ def is_kdump(head: bytes) -> bool:
 def _lzo() -> Callable[[bytes, int], bytes]:
     """``lzo1x_decompress_safe`` from the system's liblzo2 (what makedumpfile, QEMU and
     libkdumpfile use)."""
+    import ctypes.util  # here: it imports shutil, subprocess, tempfile (~10 ms per process)
+
     name = ctypes.util.find_library("lzo2") or "liblzo2.so.2"
     try:
         lib = ctypes.CDLL(name)

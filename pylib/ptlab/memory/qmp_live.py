@@ -10,7 +10,6 @@ temporary directory.
 
 from __future__ import annotations
 
-import asyncio
 import mmap
 import os
 import re
@@ -36,8 +35,11 @@ class _Qmp:
     """qemu.qmp's QMPClient on a private event loop, every call bounded by ``timeout``."""
 
     def __init__(self, path: str, timeout: float) -> None:
+        import asyncio  # here: importing it (and ssl, logging...) costs a walk 20 ms
+
         from qemu.qmp import QMPClient
 
+        self._asyncio = asyncio
         self.path, self.timeout = path, timeout
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient("ptlab")
@@ -49,7 +51,7 @@ class _Qmp:
 
     def _run(self, aw: Awaitable[T], what: str) -> T:
         try:
-            return self._loop.run_until_complete(asyncio.wait_for(aw, self.timeout))
+            return self._loop.run_until_complete(self._asyncio.wait_for(aw, self.timeout))
         except TimeoutError:
             raise QmpError(f"QMP {what}: no answer within {self.timeout:g} s (is {self.path} "
                            "a QMP socket another client holds?)") from None
@@ -87,7 +89,8 @@ class _Qmp:
         if self._loop.is_closed():
             return
         try:
-            self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
+            self._loop.run_until_complete(
+                self._asyncio.wait_for(self._client.disconnect(), 2.0))
         except BaseException:  # noqa: BLE001 - the peer may be gone; an interrupt that broke
             pass  # a command comes back out of the client's tasks here
         self._loop.close()

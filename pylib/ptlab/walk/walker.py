@@ -8,7 +8,9 @@ equal attributes are walked as one batch (a :class:`Batch`, the walker's cursor)
 tables are concatenated into one VA-contiguous array (up to 512 tables), so a linear map of 512
 pte tables is scanned in one numpy pass and an open run carries across table boundaries. A batch
 of a few distinct tables repeated many times (x86's ESPFIX area) is analysed once per distinct
-table, and long stretches of leaf runs are emitted as numpy columns (:class:`RunBlock`). Every
+table, a batch equal to one walked earlier in the same walk (x86's ESPFIX pmd copies) replays
+that walk's output at its own VA, and long stretches of leaf runs are emitted as numpy columns
+(:class:`RunBlock`). Every
 path decides whether something continues a run with one rule, :func:`.runs.continues`.
 
 Garbage never hangs or crashes the walk: a table entry pointing to a table already on its walk
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,6 +63,18 @@ _CHUNK = 512  # tables scanned in one numpy pass (bounds the temporary array: 2 
 _BLOCK_MIN = 16  # table-free stretches of at least this many runs are emitted vectorised
 _EMPTY, _TABLE, _LEAF = int(Kind.EMPTY), int(Kind.TABLE), int(Kind.LEAF)
 _KINDS = np.array(list(Kind), dtype=object)  # kind number -> Kind
+_REPLAY_MIN = 64  # batches of at least this many tables are remembered for replay
+
+
+class _Walked(NamedTuple):
+    """What walking one batch emitted: its first VA, the output items, the run left open,
+    and the work units and tables it cost."""
+
+    va: int
+    out: list
+    open: tuple | None
+    work: int
+    tables: int
 
 
 class Walker:
@@ -120,6 +135,13 @@ class Walker:
         self._offset = 0  # canonical VA - low VA in the current range
         self._clean_keys: dict[int, set[int]] = {}  # level -> attr keys without anomalies
         self._interned: dict[object, int] = {}  # run comparison key -> small int
+        # _runs_of_copies results of this walk by (level, tables), and the output of batches
+        # walked (see _walk): x86's ESPFIX area walks the same 512 copies of one pte table
+        # once per copy of its pmd table
+        self._copies: dict[tuple[int, tuple[int, ...]], tuple | None] = {}
+        self._walked: dict[tuple, _Walked] = {}
+        self._once = 0  # work units spent on what a walk does once (see _walk)
+        self._decoded: dict[tuple, tuple[Entry, Attrs, int]] = {}  # see _decode_leaf
 
     # --- public -------------------------------------------------------------------------------
     @property
@@ -156,6 +178,7 @@ class Walker:
         self.anomalies, self.anomaly_count, self.tables_visited = [], 0, 0
         self._left, self._exhausted = self.max_work, False
         self._out, self._open = [], None
+        self._copies, self._walked, self._decoded = {}, {}, {}
         collecting = gc.isenabled()
         gc.disable()  # the walk creates many small acyclic tuples: collections would be waste
         try:
@@ -172,6 +195,7 @@ class Walker:
             if collecting:
                 gc.enable()
         out, self._out = self._out, []
+        self._copies, self._walked, self._decoded = {}, {}, {}
         return RunTable(out)
 
     # --- emission -----------------------------------------------------------------------------
@@ -244,6 +268,54 @@ class Walker:
 
     # --- walk ---------------------------------------------------------------------------------
     def _walk(self, b: Batch) -> None:
+        """Walk batch ``b``; a batch of many tables equal to one walked before (same level,
+        tables, attrs above, walk path and range within them), entered with no run open, is
+        not walked again: the first walk's output is replayed at the new VA. A batch of more
+        than _CHUNK tables is walked as batches of _CHUNK."""
+        if len(b.tables) > _CHUNK:
+            j0, j1 = b.table_span()
+            for j in range(j0, j1, _CHUNK):
+                self._walk(b.sub(j, min(j + _CHUNK, j1)))
+            return
+        if len(b.tables) < _REPLAY_MIN or self._open is not None:
+            self._walk_tables(b)
+            return
+        key = (b.level, tuple(b.tables), b.ctx, b.path, b.start - b.base, b.end - b.base)
+        hit = self._walked.get(key)
+        va = b.base + self._offset
+        if hit is not None and self._replay(hit, va):
+            return
+        n0, found0 = len(self._out), self.anomaly_count
+        left0, tables0, once0 = self._left, self.tables_visited, self._once
+        self._walk_tables(b)
+        if self.anomaly_count == found0 and not self._exhausted:
+            # a replay costs what walking the batch again would: without the checks done once
+            # (attr keys found clean, the copies' analysis), so budgets end where a rescan's do
+            work = left0 - self._left - (self._once - once0)
+            self._walked[key] = _Walked(va, self._out[n0:], None if self._open is None else
+                                        tuple(self._open), work, self.tables_visited - tables0)
+
+    def _replay(self, w: _Walked, va: int) -> bool:
+        """Emit what walk ``w`` emitted, moved to ``va``; False if the budget does not hold
+        the work it cost."""
+        if w.work > self._left or self.tables_visited + w.tables > self.max_tables:
+            return False
+        self._left -= w.work
+        self.tables_visited += w.tables
+        d = va - w.va
+        du = np.uint64(d % (1 << 64))
+        for item in w.out:
+            if isinstance(item, RunBlock):
+                self._out.append(RunBlock(item.va + du, item.size, item.pa, item.page_size,
+                                          item.level, item.attrs, item.count, item.own,
+                                          item.kind))
+            else:
+                self._out.append((item[0] + d, *item[1:]))
+        if w.open is not None:
+            self._open = [w.open[0] + d, *w.open[1:]]
+        return True
+
+    def _walk_tables(self, b: Batch) -> None:
         """Walk the tables of batch ``b`` that its range touches, at most _CHUNK at once."""
         n = b.n
         j, j1 = b.table_span()
@@ -291,7 +363,11 @@ class Walker:
         level, esize = b.level, b.entry_size
         runs = None
         if i0 == 0 and i1 == b.table_entry(len(tables)) and len(tables) >= 4:
-            runs = self._runs_of_copies(b, tables)
+            key = (level, tuple(b.tables))
+            if key in self._copies:
+                runs = self._copies[key]
+            else:
+                runs = self._copies[key] = self._runs_of_copies(b, tables)
         if runs is None:
             runs = self._runs_of_batch(b, tables)
         raws, full_keys, rs = runs
@@ -314,7 +390,7 @@ class Walker:
                         if not self._spend(DECODE, b, i):
                             self._hole(b, i, i1 - i)
                             return False
-                        hit = cache[key_raw] = self._decode_leaf(raw, level, b.ctx)
+                        hit = cache[key_raw] = self._decode_leaf(raw, level, b.ctx, key_raw)
                     entry, attrs, cmp = hit
                     if entry.kind is not Kind.LEAF:  # the format's kinds() and decode() disagree
                         self._anomaly(b, i, raw, f"kinds() says leaf, decode() says "
@@ -370,7 +446,7 @@ class Walker:
         keys = full_keys = np.asarray(fmt.attr_keys(raws, level), dtype=np.uint64)
         if self._ad:
             keys = keys & ~self._ad
-        starts, oas = self._runs_of(raws, kinds, keys, level, b.entry_size)
+        starts, oas, start_oas = self._runs_of(raws, kinds, keys, level, b.entry_size)
         # fmt.anomalies() checks the first entry of every run and every non-zero empty entry:
         # within a leaf run raws step exactly by the entry size, so the run's other entries
         # hold the same bits; table runs are checked entry by entry in _tables(). Entries made
@@ -383,7 +459,6 @@ class Walker:
         if odd.any():
             check = np.union1d(check, np.flatnonzero(odd))
         self._check(raws, check, full_keys, b, oas[check] if oas is not None else None)
-        start_oas = oas[starts] if oas is not None else fmt.oas(raws[starts], level)
         return raws, full_keys, Runs(starts, np.append(starts[1:], m), kinds[starts],
                                      full_keys[starts], raws[starts], start_oas)
 
@@ -410,18 +485,22 @@ class Walker:
                 return None
             fkeys = np.asarray(fmt.attr_keys(raws, level), dtype=np.uint64)
             keys = fkeys & ~self._ad if self._ad else fkeys
-            starts, oas = self._runs_of(raws, kinds, keys, level, esize)
+            starts, oas, start_oas = self._runs_of(raws, kinds, keys, level, esize)
             if oas is not None:
                 return None
             check = np.union1d(starts[kinds[starts] != _EMPTY],
                                np.flatnonzero((kinds == _EMPTY) & (raws != 0)))
-            if self._check(raws, check, fkeys, b, record=False):
+            left, once = self._left, self._once
+            found = self._check(raws, check, fkeys, b, record=False)
+            self._once = once + left - self._left  # a later copy of this batch skips it
+            if found:
                 return None  # the direct analysis reports it at every copy
-            parts.append((starts, kinds[starts], fkeys[starts], raws[starts],
-                          fmt.oas(raws[starts], level)))
+            parts.append((starts, kinds[starts], fkeys[starts], raws[starts], start_oas))
             first_last = fmt.oas(raws[[0, n - 1]], level).tolist()
             edges.append(((int(kinds[0]), int(keys[0]), first_last[0]),
                           (int(kinds[-1]), int(keys[-1]), first_last[1])))
+        if len(parts) == 1:  # one table repeated: its runs tiled
+            return None, None, self._tiled(b, len(which), parts[0], edges[0])
         # the batch's run list: every table's runs, in table order, shifted to its position
         w = np.array(which, dtype=np.intp)
         sizes = np.array([p[0].size for p in parts], dtype=np.intp)
@@ -447,6 +526,23 @@ class Walker:
         return None, None, Runs(starts, np.append(starts[1:], b.table_entry(len(which))), kinds,
                                 keys, raws, oas)
 
+    def _tiled(self, b: Batch, copies: int, part: tuple, edge: tuple) -> Runs:
+        """The runs of ``copies`` copies of one table whose runs are ``part`` and whose
+        (first, last) entries are ``edge``: its last run continues into the next copy's first
+        by the run rule, or not."""
+        (kf, keyf, oaf), (kl, keyl, oal) = edge
+        starts, kinds, keys, raws, oas = part
+        shift = np.arange(copies, dtype=np.intp) * b.n
+        if continues(kl, keyl, kf, keyf, True, oaf == oal + b.entry_size) and copies > 1:
+            # copy k's first run is part of copy k-1's last: drop it (copy 0's stays)
+            starts_all = np.concatenate([starts, (starts[1:][None, :] + shift[1:, None]).ravel()])
+            cols = [np.concatenate([c, np.tile(c[1:], copies - 1)]) for c in
+                    (kinds, keys, raws, oas)]
+        else:
+            starts_all = (starts[None, :] + shift[:, None]).ravel()
+            cols = [np.tile(c, copies) for c in (kinds, keys, raws, oas)]
+        return Runs(starts_all, np.append(starts_all[1:], b.table_entry(copies)), *cols)
+
     def _emit_block(self, b: Batch, rs: Runs, cache: dict[int, tuple[Entry, Attrs, int]]) -> bool:
         """Emit a stretch of leaf and empty runs (no tables, nothing clipped) with numpy, with
         exactly the per-run loop's result: shown leaves as leaf runs, the rest as holes (or
@@ -471,7 +567,8 @@ class Walker:
         for j, (key, f) in enumerate(zip(ukeys.tolist(), first.tolist(), strict=True)):
             hit = cache.get(key)
             if hit is None:
-                hit = cache[key] = self._decode_leaf(int(raws[leaf_runs[f]]), level, b.ctx)
+                hit = cache[key] = self._decode_leaf(int(raws[leaf_runs[f]]), level, b.ctx,
+                                                     key)
             entry, attrs, cmp = hit
             if entry.kind is not Kind.LEAF:
                 return False
@@ -540,46 +637,47 @@ class Walker:
         return True
 
     def _runs_of(self, raws: np.ndarray, kinds: np.ndarray, keys: np.ndarray, level: int,
-                 esize: int) -> tuple[np.ndarray, np.ndarray | None]:
+                 esize: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """First index of each run of one table batch: where an entry does not
         :func:`continues` the one before.
 
         Fast path: leaf contiguity is read from the raw entries (a step of +-esize, the L1TF
-        inverted ones stepping down), then verified with ``fmt.oas`` at run ends and at
-        equal-key leaf boundaries only; if that finds a mismatch (an output address that is not
-        one linear field, garbage), the output addresses of the whole batch decide. Returns
-        the starts and, when computed, the batch's output addresses."""
+        inverted ones stepping down), then verified with ``fmt.oas`` of every run's first and
+        last entry (one call: on small tables its fixed cost dominates), which also shows
+        whether equal-key leaf neighbours split by the raw test are really discontiguous; if
+        that finds a mismatch (an output address that is not one linear field, garbage), the
+        output addresses of the whole batch decide. Returns the starts, the batch's output
+        addresses when computed, and the output address of each run's first entry."""
         m = raws.size
         fmt = self.fmt
-        brk = np.ones(m, dtype=bool)
         if m == 1:
-            return np.zeros(1, dtype=np.intp), None
+            return np.zeros(1, dtype=np.intp), None, np.asarray(fmt.oas(raws, level),
+                                                                dtype=np.uint64)
+        brk = np.ones(m, dtype=bool)
         k1, k0 = kinds[1:], kinds[:-1]
         d = raws[1:] - raws[:-1]
         step = (d == np.uint64(esize)) | (d == np.uint64((1 << 64) - esize))
         brk[1:] = ~continues(k0, keys[:-1], k1, keys[1:], True, step)
         starts = np.flatnonzero(brk)
         ends = np.append(starts[1:], m)
-        long = np.flatnonzero((kinds[starts] == _LEAF) & (ends - starts > 1))
-        ok = True
-        if long.size:
-            first = fmt.oas(raws[starts[long]], level)
-            last = fmt.oas(raws[ends[long] - 1], level)
-            want = (ends[long] - starts[long] - 1).astype(np.uint64) * np.uint64(esize)
-            ok = bool(np.array_equal(last - first, want))
+        n = starts.size
+        edge = np.asarray(fmt.oas(raws[np.concatenate((starts, ends - 1))], level),
+                          dtype=np.uint64)
+        first, last = edge[:n], edge[n:]
+        leaf = kinds[starts] == _LEAF
+        want = (ends - starts - 1).astype(np.uint64) * np.uint64(esize)
+        ok = bool(np.all(~leaf | (last - first == want)))
         if ok:  # equal-key leaf neighbours split by the raw test must really be discontiguous
-            p = starts[1:] - 1  # the entries before a break
-            p = p[(kinds[p] == _LEAF) & (kinds[p + 1] == _LEAF) & (keys[p] == keys[p + 1])
-                  & ~step[p]]
-            if p.size:
-                ok = not np.any(fmt.oas(raws[p + 1], level)
-                                == fmt.oas(raws[p], level) + np.uint64(esize))
+            p = starts[1:] - 1  # the entries before a break: each run's last but the final's
+            sel = leaf[:-1] & leaf[1:] & (keys[p] == keys[p + 1]) & ~step[p]
+            ok = not np.any(first[1:][sel] == last[:-1][sel] + np.uint64(esize))
         if ok:
-            return starts, None
+            return starts, None, first
         oas = np.asarray(fmt.oas(raws, level), dtype=np.uint64)
         brk[1:] = ~continues(k0, keys[:-1], k1, keys[1:], True,
                              oas[1:] == oas[:-1] + np.uint64(esize))
-        return np.flatnonzero(brk), oas
+        starts = np.flatnonzero(brk)
+        return starts, oas, oas[starts]
 
     def _check(self, raws: np.ndarray, idx: np.ndarray, keys: np.ndarray, b: Batch,
                oas: np.ndarray | None = None, record: bool = True) -> int:
@@ -595,12 +693,24 @@ class Walker:
         known = self._clean_keys.setdefault(level, set())
         if len(known) > _CLEAN_KEYS:
             known.clear()
-        if plain.any():  # a plain entry is clean iff its key is: check one entry per new key
+        if idx.size <= _SMALL:  # the same with Python sets: numpy's fixed costs dominate
+            keys_l, sel_l, plain_l = sel_keys.tolist(), sel.tolist(), plain.tolist()
+            fresh = {k: r for k, r, p in zip(keys_l, sel_l, plain_l, strict=True)
+                     if p and k not in known}
+            if not self._spend(len(fresh) * CHECK, b, i0 + int(idx[0])):
+                return 0
+            self._once += len(fresh) * CHECK
+            known.update(k for k, r in fresh.items() if not fmt.anomalies(r, level))
+            rest = [not (p and k in known) for k, p in zip(keys_l, plain_l, strict=True)]
+            if not all(rest):
+                idx, sel = idx[rest], sel[rest]
+        elif plain.any():  # a plain entry is clean iff its key is: check one per new key
             pk, pi = np.unique(sel_keys[plain], return_index=True)
             new = [(key, raw) for key, raw in zip(pk.tolist(), sel[plain][pi].tolist(),
                                                    strict=True) if key not in known]
             if not self._spend(len(new) * CHECK, b, i0 + int(idx[0])):
                 return 0
+            self._once += len(new) * CHECK
             for key, raw in new:
                 if not fmt.anomalies(raw, level):
                     known.add(key)
@@ -619,10 +729,19 @@ class Walker:
                     self._anomaly(b, i0 + i, raw, reason)
         return found
 
-    def _decode_leaf(self, raw: int, level: int,
-                     ctx: tuple[Attrs, ...]) -> tuple[Entry, Attrs, int]:
+    def _decode_leaf(self, raw: int, level: int, ctx: tuple[Attrs, ...],
+                     key: int) -> tuple[Entry, Attrs, int]:
         """(entry, effective attrs, comparison id) of a leaf reached through ``ctx``; equal
-        ids <=> runs may coalesce (equal effective attrs, and own attrs with own_attrs)."""
+        ids <=> runs may coalesce (equal effective attrs, and own attrs with own_attrs).
+        Remembered for the walk by attr ``key`` (equal keys decode to equal attrs; the
+        callers still pay DECODE once per batch, so the budget does not depend on it)."""
+        memo = self._decoded.get((key, level, ctx))
+        if memo is None:
+            memo = self._decoded[(key, level, ctx)] = self._decode_leaf_now(raw, level, ctx)
+        return memo
+
+    def _decode_leaf_now(self, raw: int, level: int,
+                         ctx: tuple[Attrs, ...]) -> tuple[Entry, Attrs, int]:
         entry = self.fmt.decode(raw, level)
         attrs = combine(ctx, entry.attrs) if ctx else entry.attrs
         cmp: object = attrs.with_(accessed=False, dirty=False) if self.ignore_ad else attrs
