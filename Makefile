@@ -42,13 +42,16 @@ test-unit: setup
 # (test-stress-quick) and fully in `make stress`.
 test-qemu: images
 	$(SELECT) $(BIN)/pytest -q -n $(JOBS) --dist loadscope -m "qemu and not stress" \
-		--junitxml=$(ARTIFACTS)/junit-qemu.xml $(PYTEST_ARGS) tests/qemu
+		--junitxml=$(ARTIFACTS)/junit-qemu$(if $(KERNEL),-$(KERNEL)).xml $(PYTEST_ARGS) tests/qemu
 
 # images first, so that the unit tests that read the built images run too
+# both real kernels (ptharness.profiles.KERNELS): Debian bookworm's 6.1 and 6.12
 test: setup host-deps
 	$(MAKE) images ARCH=all
+	$(MAKE) images ARCH=all KERNEL=6.12
 	$(MAKE) test-unit
 	$(MAKE) test-qemu ARCH=all
+	$(MAKE) test-qemu ARCH=all KERNEL=6.12
 	$(MAKE) test-stress-quick
 
 # A testbed that cannot leak (issue 8): 50 random kill cycles, 1,000 malformed agent commands,

@@ -548,6 +548,17 @@ class Guest(RootsMixin, HotplugMixin):
         self._checkpointed = True
         self.checkpoint_fast = fast
 
+    def backend_file(self, name: str = "ram0") -> Path:
+        """``/proc/<QEMU pid>/fd/N``: QEMU's own descriptor of RAM backend ``name``'s file
+        (unlinked after mapping), e.g. a raw image of guest RAM for tools that take a path."""
+        path = next((p for n, p, _ in self._ram_files() if n == name), None)
+        if path is None or self.pid is None:
+            raise GuestError(f"no RAM backend {name!r}")
+        try:
+            return qemu_fd_of(self.pid, path)
+        except OSError as e:
+            raise self._error(f"RAM backend {name!r}: {e}") from None
+
     def _vrings(self) -> list[tuple[int, int]]:
         """Guest-physical ranges of every virtqueue's rings (QMP x-query-virtio*)."""
         rings: list[tuple[int, int]] = []

@@ -89,6 +89,10 @@ class SharedRAM(SpanMemory):
     def backends(self) -> list[str]:
         return list(self._maps)
 
+    def layout(self) -> list[tuple[int, int, str, int]]:
+        """(PA, size, backend, offset in the backend's file) of each mapped range."""
+        return [(r.pa, r.size, r.name, r.offset) for r in self._regions]
+
     def backend_map(self, name: str) -> mmap.mmap:
         """The shared mapping of backend ``name`` (whole file, file offsets)."""
         return self._maps[name]

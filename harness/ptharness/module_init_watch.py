@@ -1,18 +1,20 @@
 """The init layout of a module being loaded, caught before ``do_free_init`` frees it.
 
 ``load_module`` allocates the init layout (.init.text, .init.data and the full symtab) in its
-own vm area, and ``do_init_module`` queues its vfree (``do_free_init``, a work item) once
-the module's init has run: the kernel picks those pages and frees them before the guest
-can be stopped by the harness, yet their direct-map aliases change for good
+own vm area (6.12: one per init memory type), and ``do_init_module`` queues its vfree
+(``do_free_init``, a work item) once the module's init has run: the kernel picks those pages
+and frees them before the guest can be stopped by the harness, yet their direct-map aliases
+change for good
 (``vm_remove_mappings``). A gdbstub breakpoint on ``do_free_init`` stops the guest while
 the init layout is still mapped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ptlab.kernel.modules import CoreLayout
+from ptlab.kernel.modules import ModuleLayoutError, mapped_area
 from ptlab.walk import Run
 
 from .kernel_compare import PAGE, walk_runs
@@ -77,24 +79,27 @@ def watch_free_init(t: Target, path: str, area: tuple[int, int],
     return got["runs"]
 
 
-def init_layout(sections: dict[str, int], lay: CoreLayout, runs: list[Run]
-                ) -> tuple[int, list[int]]:
-    """(VA, page PAs) of the init layout: its sections are the ones sysfs lists outside
-    the core; its pages run from the first one's page to the vmalloc guard page, as
-    mapped when ``do_free_init`` began (``runs``)."""
-    init = [a for a in sections.values() if not lay.base <= a < lay.end]
-    if not init:
-        return 0, []
-    base = min(init) & ~(PAGE - 1)
-    pas: list[int] = []
-    va = base
-    while True:
-        r = next((x for x in runs if x.va <= va < x.end and x.attrs.present), None)
-        if r is None:
-            break
-        pas.append(r.pa + (va - r.va))
-        va += PAGE
-    if va <= max(init):
-        raise ValueError(f"init layout {base:#x}: sections up to {max(init):#x}, mapped to "
-                         f"{va:#x} only")
-    return base, pas
+def init_layout(sections: dict[str, int], in_core: Callable[[int], bool], runs: list[Run]
+                ) -> list[tuple[int, list[int]]]:
+    """(VA, page PAs) of each init area, as mapped when ``do_free_init`` began (``runs``):
+    the init sections are the ones sysfs lists outside the core (``in_core``); each area is
+    the mapped run around its sections, up to the vmalloc guard page (6.1: one init layout;
+    6.12: MOD_INIT_TEXT, MOD_INIT_DATA, MOD_INIT_RODATA each in its own area)."""
+    def mapped(va: int) -> bool:
+        return any(x.va <= va < x.end and x.attrs.present for x in runs)
+
+    init = sorted(a for a in sections.values() if not in_core(a))
+    out: list[tuple[int, list[int]]] = []
+    for a in init:
+        if any(b <= a < b + len(p) * PAGE for b, p in out):
+            continue
+        try:
+            lo, hi = mapped_area(a, mapped)
+        except ModuleLayoutError:
+            raise ValueError(f"init section at {a:#x} not mapped at do_free_init") from None
+        pas = []
+        for va in range(lo, hi, PAGE):
+            r = next(x for x in runs if x.va <= va < x.end and x.attrs.present)
+            pas.append(r.pa + (va - r.va))
+        out.append((lo, pas))
+    return out

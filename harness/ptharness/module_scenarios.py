@@ -1,7 +1,8 @@
 """Module load and unload (issue 9 items 6, 7): the modules area predicted page for page.
 
 ``rmmod`` / ``insmod`` of a module of the image (agent ``rmmod NAME``, ``insmod PATH``);
-the layout from ``/sys/module/NAME/sections/*`` and ``coresize`` (:mod:`ptlab.kernel.modules`);
+the layout from ``/sys/module/NAME/sections/*`` and ``coresize`` (:mod:`ptlab.kernel.modules`;
+6.1 one core layout, 6.12 one vm area per memory type, chosen by the image's kernel series);
 the model on a copy-on-write overlay of the "before" tables; compared with the real tables
 (:mod:`.kernel_compare`) as two scenarios: ``vmalloc``, the whole modules area
 [MODULES_VADDR, MODULES_END) with the guard page, and ``set_memory``, the core's protections
@@ -15,7 +16,15 @@ import time
 from typing import Any
 
 from ptlab.formats.base import Attrs
-from ptlab.kernel.modules import CoreLayout, free_init, load, unload
+from ptlab.kernel.modules import (
+    CoreLayout,
+    ModuleMemory,
+    free_init,
+    load,
+    load_areas,
+    unload,
+    unload_areas,
+)
 from ptlab.kernel.set_direct_map import Alias, Arm64Config
 from ptlab.walk import Run
 
@@ -29,6 +38,9 @@ from .kernel_compare import (
 )
 from .kernel_scenarios import Outcome, Target
 from .module_init_watch import init_layout, watch_free_init
+from .profiles import kernel_series
+
+Layout = CoreLayout | ModuleMemory  # 6.1: one core layout; 6.12: one area per memory type
 
 ARM64_MODULES_VSIZE = 128 << 20  # arch/arm64/include/asm/memory.h MODULES_VSIZE (6.1)
 
@@ -95,20 +107,32 @@ def arm64_config(t: Target) -> Arm64Config | None:
 _ARM64_ARCHES = {"arm64"}
 
 
-def layout(t: Target, name: str, sections: dict[str, int] | None = None) -> CoreLayout:
-    """The loaded module ``name``'s core layout, from sysfs (the guest runs); every
-    section's address also goes into ``sections`` when given."""
+def sysfs(t: Target, name: str) -> tuple[dict[str, int], int]:
+    """The loaded module ``name``'s ``sections/*`` addresses and ``coresize`` (the guest
+    runs)."""
     t.resume()
     code, text, err = t.g.ssh(f"cd /sys/module/{name} && cat coresize && grep . sections/.* "
                               "sections/*")
     if code != 0:
         raise ValueError(f"/sys/module/{name}: {err.strip()}")
     lines = text.split()
-    sections = {} if sections is None else sections
+    sections = {}
     for line in lines[1:]:
         path, _, addr = line.partition(":")
         sections[path.removeprefix("sections/")] = int(addr, 16)
-    return CoreLayout.of(sections, int(lines[0]))
+    return sections, int(lines[0])
+
+
+def layout(t: Target, sections: dict[str, int], coresize: int, runs: list[Run]) -> Layout:
+    """The module's core as the running kernel's series lays it out: 6.1 one core layout
+    from the sections and coresize; 6.12 one area per memory type, each the mapped run of
+    the modules area (``runs``, walked while the core is mapped) around its sections."""
+    if kernel_series(t.g.image.kernel_version) == "6.1":
+        return CoreLayout.of(sections, coresize)
+
+    def mapped(va: int) -> bool:
+        return any(r.va <= va < r.end and r.attrs.present for r in runs)
+    return ModuleMemory.of(sections, coresize, mapped)
 
 
 def ko_path(t: Target, name: str) -> str:
@@ -144,21 +168,22 @@ def alias_of(t: Target) -> Alias:
 
 
 def _compare(t: Target, scenario: str, pt: Any, real: TableSnapshot,
-             real_area: list[Run], real_dmap: list[Run], lay: CoreLayout, pas: list[int],
+             real_area: list[Run], real_dmap: list[Run], lay: Layout, pas: list[int],
              seconds: float) -> Outcome:
     """vmalloc: the whole modules area (guard page included), raw entries of the core's
     and the guard's table; set_memory: the core pages and the whole direct map (the
     aliases), raw entries of the core's and the aliases' tables. The set_memory Outcome
     is ``extra["set_memory"]``."""
     lo, hi = modules_area(t)
-    core = range(lay.base, lay.end, PAGE)
+    core = lay.pages()
     vm = compare_runs(f"vmalloc {scenario}", walk_runs(t.fmt, pt.mem, t.root, lo, hi),
                       real_area)
-    compare_entries(vm, t.fmt, pt.mem, t.root, real, t.root, [*core, lay.guard])
+    compare_entries(vm, t.fmt, pt.mem, t.root, real, t.root, [*core, *lay.guards])
+    spans = [(a, b) for a, b in _spans(core)]
     sm = compare_runs(f"set_memory {scenario}",  # runs in VA order: direct map, then core
                       walk_runs(t.fmt, pt.mem, t.root, *t.span)
-                      + walk_runs(t.fmt, pt.mem, t.root, lay.base, lay.end),
-                      real_dmap + walk_runs(t.fmt, real, t.root, lay.base, lay.end))
+                      + [r for s in spans for r in walk_runs(t.fmt, pt.mem, t.root, *s)],
+                      real_dmap + [r for s in spans for r in walk_runs(t.fmt, real, t.root, *s)])
     aliases = [a for a in map(alias_of(t), pas) if a is not None]  # in core order
     compare_entries(sm, t.fmt, pt.mem, t.root, real, t.root, [*core, *aliases])
     tables = pt.alloc.pool.allocated
@@ -167,19 +192,34 @@ def _compare(t: Target, scenario: str, pt: Any, real: TableSnapshot,
                           "set_memory": Outcome(sm, tables=tables, model_seconds=seconds)})
 
 
+def _spans(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted pages as [start, end) spans of adjacent pages."""
+    out: list[tuple[int, int]] = []
+    for va in sorted(pages):
+        if out and out[-1][1] == va:
+            out[-1] = (out[-1][0], va + PAGE)
+        else:
+            out.append((va, va + PAGE))
+    return out
+
+
 def rmmod(t: Target, name: str) -> Outcome:
     """Real: ``ptagent rmmod name``. Model: :func:`~ptlab.kernel.modules.unload` (with
     ``vm_remove_mappings`` on the aliases)."""
-    lay = layout(t, name)
+    sections, coresize = sysfs(t, name)
     before, before_area, _ = _snapshot(t)
-    pas = [r.pa + (va - r.va) for va in range(lay.base, lay.end, PAGE)
+    lay = layout(t, sections, coresize, before_area)
+    pas = [r.pa + (va - r.va) for va in lay.pages()
            for r in before_area if r.va <= va < r.end and r.attrs.present]
     t.resume()
     t.g.agent("rmmod", name)
     after, after_area, after_dmap = _snapshot(t)
     t0 = time.perf_counter()
     pt = model_table(t.fmt, before, t.root)
-    unload(pt, lay, alias_of(t))
+    if isinstance(lay, CoreLayout):
+        unload(pt, lay, alias_of(t))
+    else:
+        unload_areas(pt, lay, alias_of(t))
     return _compare(t, f"rmmod {name}", pt, after, after_area, after_dmap, lay, pas,
                     time.perf_counter() - t0)
 
@@ -197,10 +237,10 @@ def insmod(t: Target, name: str, path: str, settle_s: float = 30.0) -> Outcome:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name}: init layout not freed within {settle_s} s")
         time.sleep(0.2)
-    sections: dict[str, int] = {}
-    lay = layout(t, name, sections)
-    init_base, init_pas = init_layout(sections, lay, at_free)
+    sections, coresize = sysfs(t, name)
     after, after_area, after_dmap = _snapshot(t)
+    lay = layout(t, sections, coresize, after_area)
+    inits = init_layout(sections, lay.contains, at_free)
     t0 = time.perf_counter()
     pt = model_table(t.fmt, before, t.root)
 
@@ -211,14 +251,19 @@ def insmod(t: Target, name: str, path: str, settle_s: float = 30.0) -> Outcome:
         return r[0].pa + (va - r[0].va)
 
     alias = alias_of(t)
-    load(pt, lay, pa_of, page_kernel(t), alias, arm64=cfg)
-    free_init(pt, init_base, init_pas, page_kernel(t), alias)
+    if isinstance(lay, CoreLayout):
+        load(pt, lay, pa_of, page_kernel(t), alias, arm64=cfg)
+    else:
+        load_areas(pt, lay, pa_of, page_kernel(t), alias, arm64=cfg)
+    for init_base, pas in inits:
+        free_init(pt, init_base, pas, page_kernel(t), alias)
     seconds = time.perf_counter() - t0
-    pas = [pa_of(va) for va in range(lay.base, lay.end, PAGE)]
+    init_pas = [pa for _, pas in inits for pa in pas]
+    pas = [pa_of(va) for va in lay.pages()]
     out = _compare(t, f"insmod {name}", pt, after, after_area, after_dmap, lay,
                    pas + init_pas, seconds)
     out.extra["aliases"] = out.extra["aliases"][:len(pas)]
-    out.extra["init"] = (init_base, init_pas)
+    out.extra["init"] = inits
     return out
 
 
@@ -230,4 +275,13 @@ def _init_freed(t: Target, name: str) -> bool:
     _, mods, _ = t.g.ssh("cat /proc/modules")
     _, info, _ = t.g.ssh("cat /proc/vmallocinfo")
     areas = [ln for ln in info.splitlines() if " load_module+" in ln]
-    return state.strip() == "live" and len(areas) == len(mods.splitlines())
+    if kernel_series(t.g.image.kernel_version) == "6.1":
+        return state.strip() == "live" and len(areas) == len(mods.splitlines())
+    # 6.12: a module has one area per non-empty memory type; wait for the pages of its
+    # .init* sections (MOD_INIT_*; module_init_layout_section) to be unmapped instead
+    from ptlab.walk import translate
+
+    sections, _ = sysfs(t, name)
+    init = [va for n, va in sections.items() if n.startswith(".init")]
+    return state.strip() == "live" and all(
+        translate(t.fmt, t.g.memory, t.root, va).pa is None for va in init)

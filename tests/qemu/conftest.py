@@ -12,10 +12,11 @@ Guests: the session fixture ``guest_pool`` (:class:`GuestPool`) boots each profi
 process and checkpoints it; every scope that acquires a guest gets it back in that checkpointed
 state (``Guest.reset``, ~0.5 s instead of a boot), so a test that changes its guest (secretmem,
 module unload, planted entries, a busy process) cannot leak into another scope. A scope that
-needs extra devices (``-device vmcoreinfo``) gets a pool guest of its own kind. Tests that
-kill, panic or hotplug into a guest boot their own. ``make test-qemu``
-distributes with ``--dist loadscope`` and the scheduler of :func:`pytest_xdist_make_scheduler`:
-the pool users of one profile form one work unit (one boot), the heaviest units go first.
+needs extra devices gets a pool guest of its own kind (x86 pool guests all carry
+``-device vmcoreinfo``, :data:`POOL_DEVICES`). Tests that kill, panic or hotplug into a guest
+boot their own. ``make test-qemu`` distributes with ``--dist loadscope`` and the scheduler of
+:func:`pytest_xdist_make_scheduler`: the pool users of one profile form one work unit (one
+boot; x86_64-pti's two, see :data:`SPLIT`), the heaviest units go first.
 The terminal summary prints ``test_qemu_s``, ``boots``, ``boot_to_agent_s[x86_64]`` (median
 of this run's x86_64 boots) and ``test_qemu_vs_boot_ratio``.
 
@@ -39,7 +40,8 @@ import secrets
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +239,31 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     return report
 
 
+@contextmanager
+def ram_dir() -> Iterator[Path]:
+    """A private folder in RAM (where run directories go, /dev/shm) for guest dumps: a 1 GiB
+    dump written there costs memory bandwidth, not disk. Removed on exit; it carries
+    owner.pid, so a later Guest sweeps it if this process dies."""
+    import shutil
+    import tempfile
+
+    from ptharness.guest import OWNER_FILE, run_base
+
+    path = Path(tempfile.mkdtemp(prefix="ptlab-dump-", dir=run_base()))
+    try:
+        (path / OWNER_FILE).write_text(str(os.getpid()))
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def dump_dir() -> Iterator[Path]:
+    """:func:`ram_dir` for one test."""
+    with ram_dir() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
 def rng_factory() -> Callable[[str], random.Random]:
     """:func:`rng_for`, for tests (and session fixtures) that need several generators."""
@@ -273,11 +300,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # hotplug classes last (stable): on a pool guest they leave a DIMM no reset removes
+    items.sort(key=lambda it: bool(getattr(getattr(it, "cls", None), "hotplug", False)))
     if getattr(config, "workerinput", None) is not None:  # name pool units for the scheduler
         for item in items:
             profile = profile_of(item)
             if profile is not None and uses_pool(item):
-                item._nodeid = f"{item.nodeid}{POOL_UNIT}{profile}"
+                half = "/b" if profile in SPLIT and item.path.name in SECOND_HALF else ""
+                _rename(item, f"{item.nodeid}{POOL_UNIT}{profile}{half}")
+
+
+def _rename(item: pytest.Item, nodeid: str) -> None:
+    """Give ``item`` the node id the xdist scheduler groups by (what xdist's own loadgroup
+    does). pytest < 9 keeps it in ``_nodeid``, pytest 9 in ``_id`` (a NodeId); a rename that
+    did not take is a usage error, not a silent boot per test scope."""
+    ident = getattr(item, "_id", None)
+    if ident is not None and hasattr(type(ident), "parse"):
+        item._id = type(ident).parse(nodeid)
+    else:
+        item._nodeid = nodeid
+    if item.nodeid != nodeid:
+        raise pytest.UsageError(f"cannot name the pool unit of {item.nodeid}")
+
+
+# Extra devices every pool guest of an architecture carries: with ``vmcoreinfo`` QEMU's dumps
+# hold the kernel's VMCOREINFO note (the CLI tests need it), at no cost to the other tests, so
+# one boot serves both (a fw_cfg file the kernel's qemu_fw_cfg writes once; no page table).
+POOL_DEVICES: dict[str, tuple[str, ...]] = {"x86_64": ("vmcoreinfo",)}
+# Architectures whose pool guests boot with hotplug slots (x86: pc-dimm slots and maxmem,
+# DIMMs left offline), so that a hotplug test class takes the pool guest, last in its unit,
+# instead of a boot of its own; the pool then drops that guest (a DIMM stays plugged).
+POOL_HOTPLUG = frozenset({"x86_64"})
+
+
+def pool_hotplug(profile: str) -> bool:
+    from ptharness.profiles import get_profile
+
+    return get_profile(profile).arch in POOL_HOTPLUG
 
 
 class GuestPool:
@@ -300,8 +359,10 @@ class GuestPool:
         """The guest of ``profile`` (with these extra ``-device`` specs, e.g. ``vmcoreinfo``)
         at its checkpoint."""
         from ptharness.guest import Guest, GuestError
+        from ptharness.profiles import get_profile
 
-        key = (profile, tuple(devices))
+        arch = get_profile(profile).arch
+        key = (profile, tuple(sorted({*POOL_DEVICES.get(arch, ()), *devices})))
         if key in self._failed:
             pytest.fail(f"{profile} pool guest failed earlier: {self._failed[key]}",
                         pytrace=False)
@@ -318,7 +379,7 @@ class GuestPool:
         if g is None or not g.alive:
             if g is not None:
                 g.close()
-            g = Guest(profile, devices=key[1])
+            g = Guest(profile, devices=key[1], hotplug=pool_hotplug(profile))
             try:
                 g.start()
                 g.checkpoint()
@@ -329,6 +390,13 @@ class GuestPool:
             self._guests[key] = g
         self._handed.add(key)
         return g
+
+    def discard(self, profile: str) -> None:
+        """Close ``profile``'s pool guests (left in a state no reset undoes, e.g. a plugged
+        DIMM); the next :meth:`acquire` boots again."""
+        for key in [k for k in self._guests if k[0] == profile]:
+            self._guests.pop(key).close()
+            self._handed.discard(key)
 
     def close(self) -> None:
         for g in self._guests.values():
@@ -348,14 +416,22 @@ def guest_pool() -> Any:
 def target(request: pytest.FixtureRequest) -> Any:
     """A kernel-scenario target (``ptharness.kernel_scenarios.Target``) on the test class's
     profile: the pool's guest, reset to its checkpoint for the class; a class that sets
-    ``hotplug = True`` gets a guest with hotplug slots booted for it and closed after it."""
+    ``hotplug = True`` gets the pool guest too where pool guests have hotplug slots
+    (:data:`POOL_HOTPLUG`; the pool drops it after the class), else a guest with hotplug slots
+    booted for it and closed after it."""
     from ptharness import kernel_scenarios as ks
     from ptharness.guest import Guest
 
     profile = str(request.cls.profile)
     rng = rng_for(f"{request.module.__name__}:{profile}")
-    if not getattr(request.cls, "hotplug", False):
-        yield ks.Target.of(request.getfixturevalue("guest_pool").acquire(profile), rng)
+    hotplug = getattr(request.cls, "hotplug", False)
+    if not hotplug or pool_hotplug(profile):
+        pool = request.getfixturevalue("guest_pool")
+        try:
+            yield ks.Target.of(pool.acquire(profile), rng)
+        finally:
+            if hotplug:
+                pool.discard(profile)
         return
     g = Guest(profile, hotplug=True)
     g.start()
@@ -370,18 +446,38 @@ def uses_pool(item: pytest.Item) -> bool:
     names = getattr(item, "fixturenames", ())
     if "guest_pool" in names:
         return True
-    return "target" in names and not getattr(getattr(item, "cls", None), "hotplug", False)
+    if "target" not in names:
+        return False
+    profile = profile_of(item)
+    hotplug = getattr(getattr(item, "cls", None), "hotplug", False)
+    return not hotplug or (profile is not None and pool_hotplug(profile))
 
 
-# Relative cost of a profile's pool work unit (boot plus checks, measured): heaviest first.
-UNIT_WEIGHT = {"x86_64": 10, "x86_64-la57": 9, "x86_64-pti": 8, "arm64": 7, "arm64-kpti": 6}
+# A profile's pool tests form one work unit (one boot), but those of a profile in SPLIT form
+# two: the kernel-user scenarios (/b) and the rest. x86_64-pti's unit alone would be one
+# worker's serial job of ~60 s quiet; split, both workers can share it for the price of a
+# second boot (each worker's pool boots a profile once, whichever halves it runs).
+SPLIT = frozenset({"x86_64-pti"})
+SECOND_HALF = frozenset({"test_kernel_scenarios.py", "test_kernel_modules.py",
+                         "test_guest_lifecycle.py", "test_wx_planted.py"})
+# Seconds a work unit took (boots included, measured at load ~2), for the heaviest-first
+# order: pool units by profile and half, the others by file (and class).
+UNIT_WEIGHT = {
+    "pool:x86_64-pti": 60, "pool:x86_64-pti/b": 60, "pool:x86_64-la57": 45, "pool:x86_64": 40,
+    "pool:arm64": 35, "pool:arm64-kpti": 35,
+    "test_guest_lifecycle.py": 30, "test_cli_live_qemu.py": 23, "test_cli_arm64_qemu.py": 20,
+    "test_kernel_hotplug.py::TestX86_64La57": 22, "test_kernel_hotplug.py::TestX86_64": 13,
+    "test_kernel_hotplug.py::TestX86_64Pti": 13, "test_kernel_hotplug.py::TestArm64": 12,
+    "test_kernel_hotplug.py::TestArm64Kpti": 12,
+}
 POOL_UNIT = "@pool:"  # nodeid suffix naming a test's pool work unit
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadscope``, with one work unit per pool profile (its tests then share one
-    boot) and units ordered heaviest first: pool units by :data:`UNIT_WEIGHT`, then the
-    others by their number of tests."""
+    """``--dist loadscope``, with one work unit per pool profile (two for :data:`SPLIT`; the
+    tests of a unit share one boot) and units ordered heaviest first by :data:`UNIT_WEIGHT`,
+    then by their number of tests."""
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
@@ -393,8 +489,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
         def _assign_work_unit(self, node: Any) -> None:
             def rank(scope: str) -> tuple[int, int]:
-                weight = UNIT_WEIGHT.get(scope[len(POOL_UNIT) - 1 :], 0)
-                return (-weight, -len(self.workqueue[scope]))
+                key = scope if scope.startswith(POOL_UNIT[1:]) else scope.rsplit("/", 1)[-1]
+                return (-UNIT_WEIGHT.get(key, 0), -len(self.workqueue[scope]))
 
             self.workqueue.move_to_end(min(self.workqueue, key=rank), last=False)
             super()._assign_work_unit(node)

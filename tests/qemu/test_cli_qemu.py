@@ -30,6 +30,7 @@ import zlib
 from typing import Any
 
 import pytest
+from conftest import ram_dir
 from ptharness import oracle
 from ptharness.agent_reply import kallsyms
 from ptharness.scenarios import find_user_roots, in_kernel_regime, stop_where
@@ -53,10 +54,15 @@ def cli(*argv: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def dumped(tmp_path_factory: pytest.TempPathFactory, rng_factory: Any, guest_pool: Any) -> Any:
-    """The guest's ELF and kdump-zlib dumps (one stop, in the kernel's regime), its kallsyms
-    and dmesg, the kernel root and the format, the agent's canary and its direct-map alias."""
-    tmp = tmp_path_factory.mktemp("cli-qemu")
+def dumped(rng_factory: Any, guest_pool: Any) -> Any:
+    """The guest's ELF and kdump-zlib dumps (one stop, in the kernel's regime; in a folder in
+    RAM), its kallsyms and dmesg, the kernel root and the format, the agent's canary and its
+    direct-map alias."""
+    with ram_dir() as tmp:
+        yield from _dumped(tmp, rng_factory, guest_pool)
+
+
+def _dumped(tmp: Any, rng_factory: Any, guest_pool: Any) -> Any:
     path, kdump = tmp / "vmcore.elf", tmp / "vmcore.kdump-zlib"
     try:
         g = guest_pool.acquire(PROFILE, devices=("vmcoreinfo",))

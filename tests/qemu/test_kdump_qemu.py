@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from ptharness import scenarios
 from ptharness.guest import Guest
@@ -109,10 +110,10 @@ class LiveNonZeroPages(Mapping[int, bytes]):
         self.ram: set[int] = set()
         self.pfns: list[int] = []
         for start, end in g.memory.ranges():
-            for pa in range(start, end, page):
-                self.ram.add(pa // page)
-                if g.memory.read(pa, page).strip(b"\0"):
-                    self.pfns.append(pa // page)
+            self.ram.update(range(start // page, end // page))
+            words = np.frombuffer(g.memory.view(start, end - start), dtype="<u8")
+            nonzero = words.reshape(-1, page // 8).any(axis=1)
+            self.pfns += (np.flatnonzero(nonzero) + start // page).tolist()
 
     def __getitem__(self, pfn: int) -> bytes:
         return self.g.memory.read(pfn * self.page, self.page)

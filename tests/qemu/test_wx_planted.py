@@ -89,7 +89,7 @@ def cli_wx(argv: list[str]) -> tuple[int, list[str]]:
 
 @pytest.mark.parametrize("profile", ["x86_64", "x86_64-la57", "x86_64-pti", "arm64",
                                      "arm64-kpti"])
-def test_planted_wx_leaf_is_reported_alone(profile, seeded_rng, tmp_path, guest_pool):
+def test_planted_wx_leaf_is_reported_alone(profile, seeded_rng, dump_dir, guest_pool):
     g = guest_pool.acquire(profile)
     code, dmesg, _ = g.ssh("dmesg")
     assert code == 0 and "Checked W+X mappings: passed" in dmesg
@@ -112,7 +112,7 @@ def test_planted_wx_leaf_is_reported_alone(profile, seeded_rng, tmp_path, guest_
         assert oracle.gva2gpa(g.hmp, va) is None
 
     planted = wx_executable(g, raw)
-    core = tmp_path / "core.elf"
+    core = dump_dir / "core.elf"
     with planted_u64(g.memory, entry_pa, planted) as old:
         assert old == raw
         assert oracle.read_phys_u64s(g.hmp, entry_pa, 1) == [planted]  # QEMU sees it

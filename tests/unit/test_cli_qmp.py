@@ -44,23 +44,30 @@ def sock_path(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "q.sock"
 
 
+RECONNECT_S = 1.0  # how long the fake QEMU waits for a client's next connection
+
+
 def serve(path: Path, handle: Callable[[socket.socket], None]) -> threading.Thread:
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
     srv.listen(1)
 
     def loop() -> None:
+        # like QEMU's socket chardev: one client at a time, the next once it has gone (a
+        # ptlab interrupted mid-command reconnects to resume the guest)
         with srv:
             srv.settimeout(BOUND)
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
+            while True:
                 try:
-                    handle(conn)
+                    conn, _ = srv.accept()
                 except OSError:
-                    pass
+                    return
+                with conn:
+                    try:
+                        handle(conn)
+                    except OSError:
+                        pass
+                srv.settimeout(RECONNECT_S)
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()

@@ -53,8 +53,8 @@ def test_reaper_cleans_up_after_a_sigkilled_owner(tmp_path):
     assert leaks.processes_naming(f"{rundir}/") and rundir.exists()
     owner.kill()
     owner.wait()
-    assert _wait(lambda: not rundir.exists(), 5), "run directory not removed"
-    assert _wait(lambda: leaks.exiting(sleeper) and leaks.exiting(reaper_pid), 5)
+    assert _wait(lambda: not rundir.exists(), 20), "run directory not removed"
+    assert _wait(lambda: leaks.exiting(sleeper) and leaks.exiting(reaper_pid), 20)
     assert leaks.processes_naming(f"{rundir}/") == []
 
 

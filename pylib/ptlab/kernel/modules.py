@@ -1,6 +1,9 @@
 """A loadable module's core mapping in the modules area: ``load_module`` then ``delete_module``.
 
-Models (Linux 6.1, x86-64 and arm64):
+Models Linux 6.1 (:class:`CoreLayout`, :func:`load`, :func:`unload`) and 6.12
+(:class:`ModuleMemory`, :func:`load_areas`, :func:`unload_areas`), x86-64 and arm64.
+
+6.1:
 
 * kernel/module/main.c ``layout_sections``: the core layout is four page-aligned groups in
   order, text (SHF_EXECINSTR), rodata, ro_after_init (``.data..ro_after_init`` and
@@ -18,6 +21,15 @@ Models (Linux 6.1, x86-64 and arm64):
   page it touches read-only (``cpa_process_alias``), arm64 with rodata=full the linear alias
   of every page of the area (``change_memory_common``); vfree's ``vm_remove_mappings``
   makes them writable again (x86: and non-global).
+
+6.12 (kernel/module/main.c ``move_module`` / ``module_memory_alloc``, mm/execmem.c): each
+non-empty ``mod->mem[type]`` (MOD_TEXT, MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT and the three
+init types) is its own ``execmem_alloc`` -> ``__vmalloc_node_range`` area in the modules area
+(PAGE_KERNEL, 4 KiB pages, a guard page after each, VM_FLUSH_RESET_PERMS on every one);
+``coresize`` is the sum of the four core areas. strict_rwx.c: ``module_enable_rodata_ro``
+(rodata, then ro_after_init after init), ``module_enable_data_nx``,
+``module_enable_text_rox`` (x86 ``set_memory_rox``, elsewhere ro then x), each on its own
+area only, so an arm64 rodata_full alias change covers that area's pages and not the data's.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ DATA_ANCHORS = (".data", ".bss", ".gnu.linkonce.this_module")  # always writable
 
 
 class ModuleLayoutError(ValueError):
-    """Sections that cannot be a 6.1 core layout."""
+    """Sections that cannot be a core layout of the kernel's series."""
 
 
 def _floor(a: int) -> int:
@@ -72,6 +84,16 @@ class CoreLayout:
     def guard(self) -> int:
         """The vmalloc guard page's VA (unmapped)."""
         return self.end
+
+    @property
+    def guards(self) -> list[int]:
+        return [self.end]
+
+    def pages(self) -> list[int]:
+        return list(range(self.base, self.end, PAGE))
+
+    def contains(self, va: int) -> bool:
+        return self.base <= va < self.end
 
     @classmethod
     def of(cls, sections: Mapping[str, int], coresize: int) -> CoreLayout:
@@ -167,3 +189,154 @@ def _vfree(pt: PageTable, base: int, size: int, alias: Alias | None) -> None:
         for lva in lvas:
             if lva is not None:
                 step(pt, lva)
+
+
+# --- Linux 6.12: one vm area per memory type -------------------------------------------------
+
+MOD_TEXT, MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT = "text", "data", "rodata", "ro_after_init"
+THIS_MODULE = ".gnu.linkonce.this_module"  # always in MOD_DATA
+
+
+@dataclass(frozen=True)
+class Area:
+    """One ``mod->mem[type]``: [base, base+size), the guard page at ``end``."""
+
+    kind: str
+    base: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+def mapped_area(va: int, mapped: Callable[[int], bool]) -> tuple[int, int]:
+    """[start, end) of the vmalloc area holding ``va``: the maximal run of mapped pages
+    around it (every area ends at its unmapped guard page, so two never touch)."""
+    if not mapped(_floor(va)):
+        raise ModuleLayoutError(f"{va:#x} is not mapped")
+    lo = hi = _floor(va)
+    while mapped(lo - PAGE):
+        lo -= PAGE
+    while mapped(hi):
+        hi += PAGE
+    return lo, hi
+
+
+def _kind(names: set[str], text: bool) -> str:
+    """An area's memory type from the sections in it (layout_sections' masks)."""
+    if text:
+        return MOD_TEXT
+    if THIS_MODULE in names:
+        return MOD_DATA
+    if names & set(RO_AFTER_INIT):
+        return MOD_RO_AFTER_INIT
+    return MOD_RODATA
+
+
+@dataclass(frozen=True)
+class ModuleMemory:
+    """A 6.12 module's core: one :class:`Area` per non-empty core memory type."""
+
+    areas: tuple[Area, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(a.size for a in self.areas)
+
+    @property
+    def guards(self) -> list[int]:
+        return [a.end for a in self.areas]
+
+    def pages(self) -> list[int]:
+        return [va for a in self.areas for va in range(a.base, a.end, PAGE)]
+
+    def area(self, kind: str) -> Area | None:
+        return next((a for a in self.areas if a.kind == kind), None)
+
+    def area_of(self, va: int) -> Area:
+        for a in self.areas:
+            if a.base <= va < a.end:
+                return a
+        raise ModuleLayoutError(f"{va:#x} is outside the module's core areas")
+
+    def contains(self, va: int) -> bool:
+        return any(a.base <= va < a.end for a in self.areas)
+
+    @classmethod
+    def of(cls, sections: Mapping[str, int], coresize: int,
+           mapped: Callable[[int], bool]) -> ModuleMemory:
+        """From ``/sys/module/NAME/sections/*`` addresses, ``coresize`` and the modules
+        area's mapped pages (``mapped(va)``, read while the core is mapped): each core
+        section's area is the mapped run around it; sections on unmapped pages (the freed
+        init areas) are ignored. Checks: one area per type, .text and
+        .gnu.linkonce.this_module present, the areas' sizes adding up to ``coresize``."""
+        if coresize <= 0 or coresize % PAGE:
+            raise ModuleLayoutError(f"coresize {coresize:#x} is not a positive page multiple")
+        for need in (".text", THIS_MODULE):
+            if need not in sections:
+                raise ModuleLayoutError(f"no {need} section")
+        groups: dict[tuple[int, int], set[str]] = {}
+        for name, va in sections.items():
+            if mapped(_floor(va)):
+                groups.setdefault(mapped_area(va, mapped), set()).add(name)
+        areas = []
+        for (lo, hi), names in sorted(groups.items()):
+            text = any(_is_text(n) for n in names)
+            if text and ".text" not in names:
+                raise ModuleLayoutError(f"text sections {sorted(names)} outside .text's area")
+            areas.append(Area(_kind(names, text), lo, hi - lo))
+        kinds = [a.kind for a in areas]
+        if len(set(kinds)) != len(kinds):
+            raise ModuleLayoutError(f"two areas of one type: {areas}")
+        out = cls(tuple(areas))
+        if out.size != coresize:
+            raise ModuleLayoutError(f"core areas {out.size:#x} bytes, coresize {coresize:#x}")
+        return out
+
+    def attrs(self, va: int, page_kernel: Attrs) -> Attrs:
+        """The page at ``va``'s final protection (after ``do_init_module``)."""
+        kind = self.area_of(va).kind
+        if kind == MOD_TEXT:
+            return page_kernel.with_(writable=False, exec=True)  # set_memory_rox
+        if kind == MOD_DATA:
+            return page_kernel.with_(exec=False)
+        return page_kernel.with_(writable=False, exec=False)  # set_memory_ro (+ nx)
+
+
+def load_areas(pt: PageTable, mm: ModuleMemory, pa_of: Callable[[int], int],
+               page_kernel: Attrs, alias: Alias | None = None,
+               arm64: Arm64Config | None = None) -> int:
+    """6.12 ``load_module``: each area ``vmap_pages_range``'d with PAGE_KERNEL at the PAs
+    the kernel chose, then ``complete_formation``'s ``module_enable_rodata_ro(mod, false)``,
+    ``module_enable_data_nx``, ``module_enable_text_rox`` and ``do_init_module``'s
+    ``module_enable_rodata_ro(mod, true)``, each set_memory_* on one area (with its alias:
+    x86 ``cpa_process_alias``, arm64 rodata_full over that area). Returns the pages mapped."""
+    n = 0
+    for a in mm.areas:
+        for va in range(a.base, a.end, PAGE):
+            pt.map(va, pa_of(va), PAGE, page_kernel, page_sizes=[PAGE])
+            n += 1
+    kw: dict[str, Any] = {"arm64": arm64} if arm64 is not None else {}
+
+    def change(what: str, a: Area | None) -> None:
+        if a is None:
+            return
+        akw = {**kw, "alias": alias, "area": (a.base, a.end)} if alias is not None else kw
+        set_memory(pt, what, a.base, _pages(a.base, a.end), **(akw if what == "ro" else kw))
+
+    change("ro", mm.area(MOD_RODATA))
+    for kind in (MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT):
+        change("nx", mm.area(kind))
+    change("ro", mm.area(MOD_TEXT))  # set_memory_rox: RW cleared (alias too), NX cleared
+    change("x", mm.area(MOD_TEXT))
+    change("ro", mm.area(MOD_RODATA))
+    change("ro", mm.area(MOD_RO_AFTER_INIT))
+    return n
+
+
+def unload_areas(pt: PageTable, mm: ModuleMemory, alias: Alias | None = None) -> None:
+    """6.12 ``free_module`` -> ``module_memory_free``: ``execmem_free`` (vfree) of each area,
+    PTEs cleared (tables kept), then ``vm_reset_perms`` on its pages' aliases."""
+    for a in mm.areas:
+        _vfree(pt, a.base, a.size, alias)
