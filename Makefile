@@ -10,6 +10,7 @@ PROFILE ?=
 KERNEL ?=
 JOBS ?= auto
 PYTEST_ARGS ?=
+QEMU_TESTS ?= tests/qemu
 # One artifacts folder per run (JUnit XML; on failure console, QMP transcript, report);
 # `make test` hands its RUN_ID to the sub-makes.
 ifndef RUN_ID
@@ -42,7 +43,7 @@ test-unit: setup
 # (test-stress-quick) and fully in `make stress`.
 test-qemu: images
 	$(SELECT) $(BIN)/pytest -q -n $(JOBS) --dist loadscope -m "qemu and not stress" \
-		--junitxml=$(ARTIFACTS)/junit-qemu$(if $(KERNEL),-$(KERNEL)).xml $(PYTEST_ARGS) tests/qemu
+		--junitxml=$(ARTIFACTS)/junit-qemu$(if $(KERNEL),-$(KERNEL)).xml $(PYTEST_ARGS) $(QEMU_TESTS)
 
 # images first, so that the unit tests that read the built images run too
 # both real kernels (ptharness.profiles.KERNELS): Debian bookworm's 6.1 and 6.12

@@ -58,7 +58,7 @@ WEDGE_BOUND_S = COMMAND_TIMEOUT_S + 2.0
 BATCH = 50
 STALLED = 4  # clients that never complete their request, during the agent run
 CONSOLE_MARK = "--- console tail ---\n"
-TARGET_TEST = "test_interrupt_target"  # tests/qemu/test_stress.py, run by the Ctrl-C cycles
+TARGET_FILE = "tests/qemu/stress_target.py"  # the guest owner the Ctrl-C cycles interrupt
 
 
 @dataclass
@@ -279,7 +279,8 @@ def _make_test_qemu(profile: str, base: Path, n: int) -> subprocess.Popen[bytes]
         return subprocess.Popen(
             ["make", "-s", "test-qemu", f"ARCH={profile.split('-')[0]}", f"PROFILE={profile}",
              "JOBS=2", f"ARTIFACTS={base}/artifacts",
-             f"PYTEST_ARGS=-k {TARGET_TEST} -p no:cacheprovider --max-worker-restart=0"],
+             f"QEMU_TESTS={TARGET_FILE}",
+             "PYTEST_ARGS=-p no:cacheprovider --max-worker-restart=0"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: the "terminal" we Ctrl-C
             preexec_fn=_default_sigint)
