@@ -29,21 +29,17 @@ and TTBR1_EL1 read through QEMU's gdbstub.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import shutil
 import struct
-import subprocess
-import sys
 from typing import Any
 
 import pytest
+from cli_helpers import check_map, cli, harness_walk, json_runs, ptlab
 from ptharness import oracle, scenarios
 from ptharness.guest import Guest
 from ptharness.profiles import kernel_series
-from ptlab.cli import main as ptlab_main
-from ptlab.cli import run_json, walk_budget
 from ptlab.memory import ElfCore
 from ptlab.walk import Walker, translate
 
@@ -54,21 +50,8 @@ SAMPLE, WILD = 2_000, 300  # VAs from runs / anywhere in the kernel half, checke
 PXN, UXN, AP_EL0 = 1 << 53, 1 << 54, 1 << 6
 TTBR_BADDR = ((1 << 48) - 1) & ~1
 TRAMP_OFFSET = 0x2000  # tramp_pg_dir = swapper_pg_dir - 2 pages (arch/arm64/kernel/vmlinux.lds.S)
-TIMEOUT = 300  # seconds a ptlab subprocess may take on a loaded machine
 SECRET_PAGES = 4
 LINEAR_SPAN = 1 << 40  # VA span searched for linear-map runs (the guest has 1 GiB of RAM)
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = ptlab_main(list(argv), out=out, err=err)
-    assert not err.getvalue(), err.getvalue()
-    return code, out.getvalue()
-
-
-def ptlab(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ptlab.cli", *argv], capture_output=True,
-                          text=True, timeout=TIMEOUT, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -277,24 +260,10 @@ def test_kaslr_base(arm: Any) -> None:
 
 
 def test_map_svg_of_real_dump(arm: Any) -> None:
-    import xml.etree.ElementTree as ET
-
-    from ptlab.svgmap import COLOURS
-
-    svg, png = arm["tmp"] / "map.svg", arm["tmp"] / "map.png"
-    code, _ = cli("--dump", str(arm["path"]), "map", "--svg", str(svg), "--png", str(png))
-    root = ET.parse(svg).getroot()
-    ns = "{http://www.w3.org/2000/svg}"
-    texts = {t.text for t in root.iter(f"{ns}text")}
-    assert code == 0
-    assert {"Linear Mapping start", "vmalloc() area", "Fixmap start", "vmemmap start"} <= texts
-    fills = {r.get("fill") for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None}
-    assert COLOURS["rx"] in fills and COLOURS["W+X"] not in fills  # the kernel passed DEBUG_WX
-    data = png.read_bytes()
+    root, data = check_map(arm["path"], arm["tmp"], {
+        "Linear Mapping start", "vmalloc() area", "Fixmap start", "vmemmap start"})
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", data[16:24]) == (int(root.get("width")), int(root.get("height")))
-    svg.unlink()
-    png.unlink()
 
 
 def test_diff_secretmem_dumps(arm: Any, seeded_rng: random.Random) -> None:
@@ -325,21 +294,6 @@ def test_diff_secretmem_dumps(arm: Any, seeded_rng: random.Random) -> None:
         after.unlink(missing_ok=True)
 
 
-def harness_walk(g: Guest, root: int, start: int) -> list[dict[str, Any]]:
-    fmt, mem = g.kernel_format(), g.memory
-    walker = Walker(fmt, mem, root, **walk_budget(mem))
-    out = [run_json(fmt, r) for r in walker.run_table(start, None)]
-    out += [{"anomaly": a.reason, "va": f"{a.va:#x}", "level": a.level,
-             "entry_pa": f"{a.entry_pa:#x}", "raw": f"{a.raw:#x}"} for a in walker.anomalies]
-    return out
-
-
-def runs_of(text: str) -> list[dict[str, Any]]:
-    objs = [json.loads(line) for line in text.splitlines()]
-    assert objs and "runs" in objs[-1], text[-500:]
-    return objs[:-1]
-
-
 def test_live_qmp(arm: Any) -> None:
     """``--qmp`` on arm64: format and root from the VMCOREINFO note ptlab finds in guest RAM,
     the root checked against TTBR1_EL1 from the gdbstub, the walk against the harness's."""
@@ -361,7 +315,7 @@ def test_live_qmp(arm: Any) -> None:
         assert "no arm64 root register" in notes, notes
         walk = ptlab("--qmp", sock, *extra, "walk", "--json", "--start", hex(lo))
         assert walk.returncode == 0 and not walk.stderr, walk.stderr
-        assert runs_of(walk.stdout) == theirs, extra
+        assert json_runs(walk.stdout) == theirs, extra
     assert not g.running  # stopped before: ptlab left it so
     g.cont()
     live = ptlab("--qmp", sock, "walk", "--start", hex(lo))

@@ -17,41 +17,16 @@ the harness holds the first), ptlab in a subprocess.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from cli_helpers import harness_walk, json_runs, ptlab
 from ptharness.guest import Guest
-from ptlab.cli import run_json, walk_budget
-from ptlab.walk import Walker
 
 pytestmark = [pytest.mark.qemu, pytest.mark.profile("x86_64")]
 
 PROFILE = "x86_64"
 KERNEL_HALF = 0xFFFF_8000_0000_0000  # x86_64 4-level: the kernel half
-TIMEOUT = 300  # seconds a ptlab subprocess may take on a loaded machine
-
-
-def ptlab(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ptlab.cli", *argv], capture_output=True,
-                          text=True, timeout=TIMEOUT, check=False)
-
-
-def runs(text: str) -> list[dict[str, Any]]:
-    objs = [json.loads(line) for line in text.splitlines()]
-    assert objs and "runs" in objs[-1], text[-500:]
-    return objs[:-1]
-
-
-def harness_walk(g: Guest, root: int, start: int | None) -> list[dict[str, Any]]:
-    fmt, mem = g.kernel_format(), g.memory
-    walker = Walker(fmt, mem, root, **walk_budget(mem))
-    out = [run_json(fmt, r) for r in walker.run_table(start, None)]
-    out += [{"anomaly": a.reason, "va": f"{a.va:#x}", "level": a.level,
-             "entry_pa": f"{a.entry_pa:#x}", "raw": f"{a.raw:#x}"} for a in walker.anomalies]
-    return out
 
 
 def test_live_walk(tmp_path: Path) -> None:
@@ -72,17 +47,17 @@ def test_live_walk(tmp_path: Path) -> None:
                 assert ("pmemsave" in notes) == (how == "pmemsave"), notes
                 whole = ptlab("--qmp", str(sock), *extra, "walk", "--json", "--root", hex(root))
                 assert whole.returncode == 0 and not whole.stderr, whole.stderr
-                assert runs(whole.stdout) == theirs, how
+                assert json_runs(whole.stdout) == theirs, how
             half = ptlab("--qmp", str(sock), "walk", "--json", "--start", hex(KERNEL_HALF))
             assert half.returncode == 0 and not half.stderr, half.stderr
             kernel_half = harness_walk(g, root, KERNEL_HALF)
-            assert runs(half.stdout) == kernel_half
+            assert json_runs(half.stdout) == kernel_half
             info = json.loads(ptlab("--qmp", str(sock), "info", "--json").stdout)
             assert [c["index"] for c in info["cpus"]] == [0, 1]
             assert all(int(c["control"]["cr3"], 16) for c in info["cpus"])
             cpu1 = ptlab("--qmp", str(sock), "--cpu", "1", "walk", "--json", "--start",
                          hex(KERNEL_HALF))
-            assert cpu1.returncode == 0 and runs(cpu1.stdout) == kernel_half, cpu1.stderr
+            assert cpu1.returncode == 0 and json_runs(cpu1.stdout) == kernel_half, cpu1.stderr
             bad = ptlab("--qmp", str(sock), "--cpu", "2", "walk")
             assert bad.returncode == 2 and bad.stderr.startswith("ptlab: error: --cpu 2")
             assert not g.running  # stopped before: ptlab left it so

@@ -20,22 +20,22 @@ stopped once and dumped with QEMU's ``dump-guest-memory`` (ELF with the kernel's
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import shutil
 import struct
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import check_map, cli
 from conftest import ram_dir
 from ptharness import oracle
 from ptharness.agent_reply import kallsyms
 from ptharness.scenarios import find_user_roots, in_kernel_regime, stop_where
 from ptlab.arch.x86_64 import START_KERNEL_MAP
-from ptlab.cli import main as ptlab_main
 from ptlab.memory import ElfCore
 from ptlab.walk import Walker, translate
 
@@ -44,13 +44,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.profile("x86_64-pti")]
 PROFILE = "x86_64-pti"
 SAMPLE = 20_000
 NX, US = 1 << 63, 1 << 2
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = ptlab_main(list(argv), out=out, err=err)
-    assert not err.getvalue(), err.getvalue()
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -296,25 +289,14 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
 
 
 def test_map_svg_of_real_dump(dumped: Any) -> None:
-    import xml.etree.ElementTree as ET
-
     from ptlab.svgmap import COLOURS, LABEL, WIDTH
 
-    svg, png = dumped["tmp"] / "map.svg", dumped["tmp"] / "map.png"
-    code, _ = cli("--dump", str(dumped["path"]), "map", "--svg", str(svg), "--png", str(png))
-    root = ET.parse(svg).getroot()
-    ns = "{http://www.w3.org/2000/svg}"
-    texts = {t.text for t in root.iter(f"{ns}text")}
-    assert code == 0
-    assert {"Low Kernel Mapping", "High Kernel Mapping", "Modules", "CPU entry Area"} <= texts
-    fills = {r.get("fill") for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None}
-    assert COLOURS["rx"] in fills and COLOURS["W+X"] not in fills  # the kernel passed DEBUG_WX
-    w, h, rows = decode_png(png.read_bytes())
+    root, data = check_map(dumped["path"], dumped["tmp"], {
+        "Low Kernel Mapping", "High Kernel Mapping", "Modules", "CPU entry Area"})
+    w, h, rows = decode_png(data)
     assert (w, h) == (int(root.get("width")), int(root.get("height")))
     bars = {"#" + row[x:x + 3].hex() for row in rows[60:]  # the run bars, below the legend
             for x in range(3 * LABEL, 3 * (WIDTH - 120), 3)}
     assert COLOURS["rx"] in bars and COLOURS["W+X"] not in bars
     if os.environ.get("PTLAB_KEEP_MAP"):  # to look at the picture
-        shutil.copyfile(png, os.environ["PTLAB_KEEP_MAP"])
-    svg.unlink()
-    png.unlink()
+        Path(os.environ["PTLAB_KEEP_MAP"]).write_bytes(data)

@@ -37,12 +37,13 @@ from .infer import infer_format, infer_root
 from .inputs import SCAN_LIMIT, Source, dump_kind, load_vmcoreinfo, open_input
 from .numbers import parse_int, parse_region, parse_va
 from .progress import Progress, wanted
-from .runs import RunLines, run_json, run_text
+from .runs import RunLines, anomaly_json, run_json, run_text
 from .text import attrs_text, level_name, one_line, size_text, write_lines
 from .walking import MAX_WALK_WORK, walk_budget
 
 __all__ = [
-    "COMMANDS", "MAX_WALK_WORK", "SCAN_LIMIT", "CliError", "RunLines", "Source", "attrs_text",
+    "COMMANDS", "MAX_WALK_WORK", "SCAN_LIMIT", "CliError", "RunLines", "Source", "anomaly_json",
+    "attrs_text",
     "build_parser", "command", "dump_kind", "infer_format", "infer_root", "level_name",
     "load_vmcoreinfo", "main", "one_line", "open_input", "parse_int", "parse_region", "parse_va",
     "run_json",

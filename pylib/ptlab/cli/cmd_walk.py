@@ -9,7 +9,7 @@ from ..formats.base import Format
 from ..walk import Walker
 from .infer import infer_format, infer_root
 from .inputs import Source
-from .runs import RunLines, run_json
+from .runs import RunLines, anomaly_json, run_json
 from .text import level_name, write_lines
 from .walking import _range, walk_budget
 
@@ -41,8 +41,7 @@ def walk_json(fmt: Format, walker: Walker, table: Any, out: IO[str]) -> int:
 
     n = write_lines(out, (json.dumps(run_json(fmt, r)) for r in table))
     for a in walker.anomalies:
-        out.write(json.dumps({"anomaly": a.reason, "va": f"{a.va:#x}", "level": a.level,
-                              "entry_pa": f"{a.entry_pa:#x}", "raw": f"{a.raw:#x}"}) + "\n")
+        out.write(json.dumps(anomaly_json(a)) + "\n")
     out.write(json.dumps({"runs": n, "tables": walker.tables_visited,
                           "anomalies": walker.anomaly_count}) + "\n")
     return 0

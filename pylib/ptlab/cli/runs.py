@@ -91,3 +91,9 @@ def run_json(fmt: Format, r: Any) -> dict[str, Any]:
     return {"va": f"{r.va:#x}", "end": f"{r.va + r.size:#x}", "size": r.size,
             "pa": f"{r.pa:#x}", "page_size": r.page_size, "count": r.count, "level": r.level,
             "level_name": level_name(fmt, r.level), "attrs": attrs_text(r.attrs)}
+
+
+def anomaly_json(a: Any) -> dict[str, Any]:
+    """One walker anomaly as ``walk --json`` prints it."""
+    return {"anomaly": a.reason, "va": f"{a.va:#x}", "level": a.level,
+            "entry_pa": f"{a.entry_pa:#x}", "raw": f"{a.raw:#x}"}

@@ -1,0 +1,71 @@
+"""What the real-guest CLI tests share: ptlab in process and as a subprocess, its
+``walk --json`` output parsed, the same objects from the harness's own walk, and the checks of
+a ``map --svg/--png`` picture that do not depend on the architecture."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from ptharness.guest import Guest
+from ptlab.cli import anomaly_json, run_json, walk_budget
+from ptlab.cli import main as ptlab_main
+from ptlab.svgmap import COLOURS
+from ptlab.walk import Walker
+
+TIMEOUT = 300  # seconds a ptlab subprocess may take on a loaded machine
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    """ptlab in this process: (exit status, stdout); nothing on stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = ptlab_main(list(argv), out=out, err=err)
+    assert not err.getvalue(), err.getvalue()
+    return code, out.getvalue()
+
+
+def ptlab(*argv: str) -> subprocess.CompletedProcess[str]:
+    """ptlab as a user runs it: its own process."""
+    return subprocess.run([sys.executable, "-m", "ptlab.cli", *argv], capture_output=True,
+                          text=True, timeout=TIMEOUT, check=False)
+
+
+def json_runs(text: str) -> list[dict[str, Any]]:
+    """The run and anomaly objects of ``walk --json`` output (its summary line checked)."""
+    objs = [json.loads(line) for line in text.splitlines()]
+    assert objs and "runs" in objs[-1], text[-500:]
+    return objs[:-1]
+
+
+def harness_walk(g: Guest, root: int, start: int | None) -> list[dict[str, Any]]:
+    """The harness's walk of ``root`` over the guest's shared RAM, as ``walk --json`` objects."""
+    fmt, mem = g.kernel_format(), g.memory
+    walker = Walker(fmt, mem, root, **walk_budget(mem))
+    out = [run_json(fmt, r) for r in walker.run_table(start, None)]
+    return out + [anomaly_json(a) for a in walker.anomalies]
+
+
+def check_map(dump: Path, tmp: Path, markers: set[str]) -> tuple[ET.Element, bytes]:
+    """``map --svg --png`` of ``dump``: the SVG names the region ``markers``, has read-only
+    executable runs and no W+X one (the real kernels pass DEBUG_WX); returns the SVG root and
+    the PNG's bytes (both files removed)."""
+    svg, png = tmp / "map.svg", tmp / "map.png"
+    try:
+        code, _ = cli("--dump", str(dump), "map", "--svg", str(svg), "--png", str(png))
+        assert code == 0
+        root = ET.parse(svg).getroot()
+        texts = {t.text for t in root.iter(f"{SVG}text")}
+        assert markers <= texts, markers - texts
+        fills = {r.get("fill") for r in root.iter(f"{SVG}rect")
+                 if r.find(f"{SVG}title") is not None}
+        assert COLOURS["rx"] in fills and COLOURS["W+X"] not in fills
+        return root, png.read_bytes()
+    finally:
+        svg.unlink(missing_ok=True)
+        png.unlink(missing_ok=True)
