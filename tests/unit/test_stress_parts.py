@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from ptharness import agent_fuzz, leaks, reaper
-
-GUEST = Path(__file__).resolve().parents[2] / "guest"
-HOST_TARGET = {"x86_64": "x86_64", "aarch64": "arm64"}
 
 
 def _wait(pred, timeout: float) -> bool:
@@ -99,15 +94,6 @@ def test_exiting():
 
 
 # ----------------------------------------------------------------------------- the daemon's wire
-@pytest.fixture(scope="module")
-def agent() -> Path:
-    arch = HOST_TARGET.get(platform.machine())
-    assert arch, f"no ptagent build for a {platform.machine()} host"
-    subprocess.run(["make", "-s", "-C", str(GUEST), f"build/ptagent-{arch}"], check=True,
-                   timeout=120)
-    return GUEST / "build" / f"ptagent-{arch}"
-
-
 @pytest.fixture
 def daemon(agent, tmp_path):
     env = dict(os.environ, PTAGENT_SOCK=str(tmp_path / "a.sock"))
