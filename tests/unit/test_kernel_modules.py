@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from ptlab.alloc import NormalAllocator, PhysPool
 from ptlab.arch import arch_for
@@ -85,16 +87,23 @@ def test_load_then_unload():
     assert pt.table_count() == tables  # vunmap keeps the page tables
 
 
+def _x86_direct_map() -> tuple[PageTable, int, Any]:
+    """An x86 4-level table with 64 MiB of direct map in 2M leaves (PAGE_KERNEL, NX), for the
+    alias tests: the table, the direct map's base VA and PAGE_KERNEL."""
+    mem = SparseMemory(1 << 34)
+    pt = PageTable(by_name("x86_64-4level"), mem,
+                   alloc=NormalAllocator(PhysPool(mem, 1 << 30, 64 << 20)))
+    dm = 0xFFFF_8880_0000_0000
+    pk = arch_for("x86_64").page_kernel
+    pt.map(dm, 0, 64 << 20, pk.with_(exec=False, uexec=False), page_sizes=[1 << 21])
+    return pt, dm, pk
+
+
 def test_aliases_ro_on_load_reset_on_unload():
     """x86 cpa_process_alias: set_memory_ro on a module page makes its direct-map alias RO
     (splitting the 2M leaf holding it), NX changes do not reach the alias; vfree's
     vm_remove_mappings leaves the alias RW and non-global, the split kept."""
-    fmt = by_name("x86_64-4level")
-    mem = SparseMemory(1 << 34)
-    pt = PageTable(fmt, mem, alloc=NormalAllocator(PhysPool(mem, 1 << 30, 64 << 20)))
-    dm = 0xFFFF_8880_0000_0000
-    pk = arch_for("x86_64").page_kernel
-    pt.map(dm, 0, 64 << 20, pk.with_(exec=False, uexec=False), page_sizes=[1 << 21])
+    pt, dm, pk = _x86_direct_map()
     lay = CoreLayout.of(SECTIONS, 20480)
     pas = {BASE + i * K4: (0x1000 + 3 * i) * K4 for i in range(5)}
     load(pt, lay, pas.__getitem__, pk, alias=lambda pa: dm + pa)
@@ -215,12 +224,7 @@ def test_612_load_then_unload_with_aliases():
     """Each area mapped at the kernel's PAs with its guard page left out; text RO+X, data
     RW+NX, rodata and ro_after_init RO+NX; x86 aliases RO for every area but the data;
     unload clears every area's PTEs and resets each alias (RW, non-global)."""
-    fmt = by_name("x86_64-4level")
-    mem = SparseMemory(1 << 34)
-    pt = PageTable(fmt, mem, alloc=NormalAllocator(PhysPool(mem, 1 << 30, 64 << 20)))
-    dm = 0xFFFF_8880_0000_0000
-    pk = arch_for("x86_64").page_kernel
-    pt.map(dm, 0, 64 << 20, pk.with_(exec=False, uexec=False), page_sizes=[1 << 21])
+    pt, dm, pk = _x86_direct_map()
     mm = ModuleMemory.of(SECTIONS_612, 20480, mapped_612)
     pas = {v: (0x1000 + 5 * i) * K4 for i, v in enumerate(mm.pages())}
     assert load_areas(pt, mm, pas.__getitem__, pk, alias=lambda pa: dm + pa) == 5
