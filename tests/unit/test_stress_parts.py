@@ -28,7 +28,9 @@ def _wait(pred, timeout: float) -> bool:
 
 def test_reaper_cleans_up_after_a_sigkilled_owner(tmp_path):
     """An owner process starts a reaper for its run directory and a process naming it, then
-    dies by SIGKILL: the reaper kills that process and removes the directory."""
+    dies by SIGKILL: the reaper kills that process and removes the directory. (The process is
+    a Python sleeper, not ``sh -c 'sleep 300'``: dash execs its last command, and ``sleep``'s
+    command line no longer names the directory.)"""
     rundir = tmp_path / "ptlab-x"
     rundir.mkdir()
     code = (
@@ -37,7 +39,8 @@ def test_reaper_cleans_up_after_a_sigkilled_owner(tmp_path):
         "from ptharness import reaper\n"
         f"d = Path({str(rundir)!r})\n"
         "r = reaper.watch(d)\n"
-        "p = subprocess.Popen(['sh', '-c', 'sleep 300', str(d) + '/x'],\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)',\n"
+        "                      str(d) + '/x'],\n"
         "                     start_new_session=True)\n"
         "print(p.pid, r.proc.pid, flush=True)\n"
         "time.sleep(300)\n"
