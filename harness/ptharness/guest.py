@@ -577,6 +577,12 @@ class Guest(RootsMixin, HotplugMixin):
             raise self._error(f"cannot restore guest RAM: {e}") from None
 
     @property
+    def dimms(self) -> tuple[str, ...]:
+        """Device ids of the DIMMs plugged now (:meth:`plug_dimm`): while any is, no
+        :meth:`checkpoint` or :meth:`reset`."""
+        return tuple(self._dimms)
+
+    @property
     def checkpoint_bytes(self) -> int:
         """Bytes of guest RAM the last checkpoint holds (the files' data extents)."""
         return sum(s.nbytes for _, s in self._ram_snaps)

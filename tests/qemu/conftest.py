@@ -257,6 +257,21 @@ def ram_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def gone(pid: int) -> bool:
+    """True if ``pid`` no longer exists (reaped) — a zombie still counts as a leak."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def assert_cleaned(pid: int | None, rundir: Path) -> None:
+    """A closed guest left nothing: its QEMU is reaped and its run directory is gone."""
+    assert pid is not None and gone(pid), f"QEMU {pid} still exists"
+    assert not rundir.exists(), f"run directory {rundir} left behind"
+
+
 @pytest.fixture
 def dump_dir() -> Iterator[Path]:
     """:func:`ram_dir` for one test."""
@@ -329,7 +344,7 @@ def _rename(item: pytest.Item, nodeid: str) -> None:
 POOL_DEVICES: dict[str, tuple[str, ...]] = {"x86_64": ("vmcoreinfo",)}
 # Architectures whose pool guests boot with hotplug slots (x86: pc-dimm slots and maxmem,
 # DIMMs left offline), so that a hotplug test class takes the pool guest, last in its unit,
-# instead of a boot of its own; the pool then drops that guest (a DIMM stays plugged).
+# instead of a boot of its own; the pool then drops that guest if a DIMM stays plugged.
 POOL_HOTPLUG = frozenset({"x86_64"})
 
 
@@ -391,12 +406,14 @@ class GuestPool:
         self._handed.add(key)
         return g
 
-    def discard(self, profile: str) -> None:
-        """Close ``profile``'s pool guests (left in a state no reset undoes, e.g. a plugged
-        DIMM); the next :meth:`acquire` boots again."""
+    def discard_unresettable(self, profile: str) -> None:
+        """Close ``profile``'s pool guests that a reset cannot bring back (a DIMM still
+        plugged: the checkpoint's device set is gone); the next :meth:`acquire` boots again.
+        A guest whose DIMMs were all removed stays: ``loadvm`` restores it (measured)."""
         for key in [k for k in self._guests if k[0] == profile]:
-            self._guests.pop(key).close()
-            self._handed.discard(key)
+            if self._guests[key].dimms:
+                self._guests.pop(key).close()
+                self._handed.discard(key)
 
     def close(self) -> None:
         for g in self._guests.values():
@@ -417,8 +434,8 @@ def target(request: pytest.FixtureRequest) -> Any:
     """A kernel-scenario target (``ptharness.kernel_scenarios.Target``) on the test class's
     profile: the pool's guest, reset to its checkpoint for the class; a class that sets
     ``hotplug = True`` gets the pool guest too where pool guests have hotplug slots
-    (:data:`POOL_HOTPLUG`; the pool drops it after the class), else a guest with hotplug slots
-    booted for it and closed after it."""
+    (:data:`POOL_HOTPLUG`; the pool drops it after the class if a DIMM stays plugged), else
+    a guest with hotplug slots booted for it and closed after it."""
     from ptharness import kernel_scenarios as ks
     from ptharness.guest import Guest
 
@@ -431,7 +448,7 @@ def target(request: pytest.FixtureRequest) -> Any:
             yield ks.Target.of(pool.acquire(profile), rng)
         finally:
             if hotplug:
-                pool.discard(profile)
+                pool.discard_unresettable(profile)
         return
     g = Guest(profile, hotplug=True)
     g.start()

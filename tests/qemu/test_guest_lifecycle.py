@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_cleaned
 from ptharness import oracle, scenarios
 from ptharness.guest import Guest, GuestError
 from ptharness.profiles import PROFILES, kernel_series
@@ -18,15 +19,6 @@ from ptlab.arch import arm64 as arm64_arch
 pytestmark = pytest.mark.qemu
 
 FAIL_FAST_S = 10  # a dead guest must be reported within this many seconds
-
-
-def gone(pid: int) -> bool:
-    """True if ``pid`` no longer exists (reaped) — a zombie still counts as a leak."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def ram_ranges(info: dict) -> list[tuple[int, int]]:
@@ -67,46 +59,44 @@ def kcore(g: Guest, va: int, size: int) -> bytes:
     return bytes.fromhex(reply["hex"])
 
 
-def assert_cleaned(pid: int | None, rundir: Path) -> None:
-    assert pid is not None and gone(pid), f"QEMU {pid} still exists"
-    assert not rundir.exists(), f"run directory {rundir} left behind"
-
-
 @pytest.mark.parametrize("profile", ["x86_64"])
-def test_boot_and_agent_info(profile):
-    with Guest(profile) as g:
-        pid, rundir = g.pid, g.rundir
-        assert stat.S_IMODE(rundir.stat().st_mode) == 0o700
-        assert {"qmp.sock", "gdb.sock", "serial.log"} <= set(os.listdir(rundir))
-        assert "ram0" not in os.listdir(rundir)  # mapped, then unlinked
-        info = g.agent("info")
-        # the agent's info against the guest's own files, read by busybox over SSH
-        assert info["uname"]["release"] == g.image.kernel_version == g.ssh("uname -r")[1].strip()
-        assert info["cmdline"] == g.ssh("cat /proc/cmdline")[1].strip()
-        pa, size = (int(x, 16) for x in g.ssh("cat /sys/kernel/vmcoreinfo")[1].split())
-        assert (info["vmcoreinfo"]["paddr"], info["vmcoreinfo"]["size"]) == (pa, size)
-        assert ram_ranges(info) == iomem_system_ram(g)
-        syms = dict(sorted(info["kallsyms"].items())[:6])
-        assert syms and kallsyms_file(g, syms) == syms
-        assert g.boot_seconds is not None and 0 < g.boot_seconds < g.boot_timeout
-        rc, out, _ = g.ssh("cat /proc/cmdline")
-        assert rc == 0 and "secretmem.enable=1" in out and "ptlab.key=" in out
-        assert g.ssh("exit 7")[0] == 7
-        assert g.running
-        g.stop()
-        assert not g.running
-        t = time.monotonic()
-        with pytest.raises(GuestError, match="did not finish"):
-            g.ssh("true", timeout=1)  # a paused guest is a hung SSH: bounded, reported
-        assert time.monotonic() - t < 4
-        g.cont()
-        assert g.running
-        assert g.ssh("echo back")[1] == "back\n"  # the session survives the timeout
-        console = g.console_tail(10_000).splitlines()
-        ready = [i for i, ln in enumerate(console) if ln.strip() == "PTLAB-READY"]
-        assert len(ready) == 1, "PTLAB-READY not printed exactly once on the console"
-        assert console[ready[0] - 1].startswith("ptlab-init: uptime init="), console[ready[0] - 1]
-    assert_cleaned(pid, rundir)
+def test_boot_and_agent_info(profile, guest_pool):
+    """The pool's booted guest: its run directory, the agent's info against busybox reads,
+    SSH exit codes, a paused guest's SSH timeout, the console's ready mark. (A guest's clean
+    close is checked by test_cli_live_qemu, which boots its own.)"""
+    g = guest_pool.acquire(profile)
+    rundir = g.rundir
+    assert stat.S_IMODE(rundir.stat().st_mode) == 0o700
+    assert {"qmp.sock", "gdb.sock", "serial.log"} <= set(os.listdir(rundir))
+    assert "ram0" not in os.listdir(rundir)  # mapped, then unlinked
+    info = g.agent("info")
+    # the agent's info against the guest's own files, read by busybox over SSH
+    assert info["uname"]["release"] == g.image.kernel_version == g.ssh("uname -r")[1].strip()
+    assert info["cmdline"] == g.ssh("cat /proc/cmdline")[1].strip()
+    pa, size = (int(x, 16) for x in g.ssh("cat /sys/kernel/vmcoreinfo")[1].split())
+    assert (info["vmcoreinfo"]["paddr"], info["vmcoreinfo"]["size"]) == (pa, size)
+    assert ram_ranges(info) == iomem_system_ram(g)
+    names = sorted(info["kallsyms"])[:5] + ["init_top_pgt"]  # the kernel root's symbol too
+    syms = {n: info["kallsyms"][n] for n in names}
+    assert syms and kallsyms_file(g, syms) == syms
+    assert g.boot_seconds is not None and 0 < g.boot_seconds < g.boot_timeout
+    rc, out, _ = g.ssh("cat /proc/cmdline")
+    assert rc == 0 and "secretmem.enable=1" in out and "ptlab.key=" in out
+    assert g.ssh("exit 7")[0] == 7
+    assert g.running
+    g.stop()
+    assert not g.running
+    t = time.monotonic()
+    with pytest.raises(GuestError, match="did not finish"):
+        g.ssh("true", timeout=1)  # a paused guest is a hung SSH: bounded, reported
+    assert time.monotonic() - t < 4
+    g.cont()
+    assert g.running
+    assert g.ssh("echo back")[1] == "back\n"  # the session survives the timeout
+    console = g.console_tail(10_000).splitlines()
+    ready = [i for i, ln in enumerate(console) if ln.strip() == "PTLAB-READY"]
+    assert len(ready) == 1, "PTLAB-READY not printed exactly once on the console"
+    assert console[ready[0] - 1].startswith("ptlab-init: uptime init="), console[ready[0] - 1]
 
 
 @pytest.mark.parametrize("profile", ["x86_64"])
@@ -209,7 +199,9 @@ def test_kernel_root_has_witnesses(profile, seeded_rng, guest_pool):
     levels = p.levels_on(kernel_series(g.image.kernel_version))
     assert fmt.levels == levels, f"{profile}: {fmt.levels}-level, expected {levels}"
     if p.arch == "x86_64":
-        root_va = kallsyms_file(g, ["init_top_pgt"])["init_top_pgt"]
+        # /proc/kallsyms as the agent read it (test_boot_and_agent_info checks the agent's
+        # symbols against busybox grep; a grep of kallsyms costs ~1.3 s of guest CPU)
+        root_va = g.info["kallsyms"]["init_top_pgt"]
         # 5-level paging: the direct map base (the kernel's own variable, read through
         # /proc/kcore by the agent) is a 57-bit address, no 48-bit one
         pob = g.info["kvars"]["page_offset_base"]
@@ -286,23 +278,28 @@ def mem_total_kib(g: Guest) -> int:
 
 
 @pytest.mark.parametrize("profile", ["x86_64"])
-def test_x86_dimm_hotplug(profile):
-    with Guest(profile, hotplug=True) as g:
-        before = memory_blocks(g)
-        dev = g.plug_dimm(256)
-        addr = g.dimm_address(dev)
-        assert addr >= 1 << 32 and g.memory.contains(addr, 256 << 20)
-        g.memory.write(addr + 0x1000, b"ptlab-dimm")  # host writes land in the DIMM
-        assert g.pmem().read(addr + 0x1000, 10) == b"ptlab-dimm"
-        deadline = time.monotonic() + 20
-        while memory_blocks(g) == before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert memory_blocks(g) == before + 2  # two 128 MiB blocks
-        g.unplug_dimm(dev)  # the blocks were never onlined: ejecting succeeds
-        assert not g.memory.contains(addr)
-        assert memory_blocks(g) == before
-        with pytest.raises(KeyError):
-            g.unplug_dimm(dev)
+def test_x86_dimm_hotplug(profile, guest_pool):
+    """A DIMM plugged into the pool guest (which has hotplug slots) appears as two memory
+    blocks and in the harness's RAM map, and goes away again; the pool then resets the guest
+    (loadvm works once the DIMM and its backend are gone)."""
+    g = guest_pool.acquire(profile)
+    assert g.hotplug
+    before = memory_blocks(g)
+    dev = g.plug_dimm(256)
+    addr = g.dimm_address(dev)
+    assert addr >= 1 << 32 and g.memory.contains(addr, 256 << 20)
+    g.memory.write(addr + 0x1000, b"ptlab-dimm")  # host writes land in the DIMM
+    assert g.pmem().read(addr + 0x1000, 10) == b"ptlab-dimm"
+    deadline = time.monotonic() + 20
+    while memory_blocks(g) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert memory_blocks(g) == before + 2  # two 128 MiB blocks
+    g.unplug_dimm(dev)  # the blocks were never onlined: ejecting succeeds
+    assert not g.memory.contains(addr)
+    assert memory_blocks(g) == before
+    with pytest.raises(KeyError):
+        g.unplug_dimm(dev)
+    assert not g.dimms  # the pool can reset it
 
 
 @pytest.mark.parametrize("profile", ["arm64"])

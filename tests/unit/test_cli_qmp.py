@@ -115,6 +115,30 @@ def test_silent_server(sock_path: Path) -> None:
     t.join(BOUND)
 
 
+def test_qmp_timeout_bounds_a_silent_server(sock_path: Path) -> None:
+    """``--qmp-timeout 0.5``: the silent server is given up on after half a second, not 5."""
+    done = threading.Event()
+    t = serve(sock_path, lambda conn: done.wait(BOUND))
+    code, _, err, took = run("--qmp", str(sock_path), "--qmp-timeout", "0.5", "walk")
+    done.set()
+    assert code == 2 and "no answer within 0.5 s" in one_error(err)
+    assert took < 4.5, f"{took:.1f} s: the default 5 s timeout, not 0.5"
+    t.join(BOUND)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "5s", "1e9"])
+def test_qmp_timeout_rejects_bad_values(sock_path: Path, value: str) -> None:
+    code, _, err, _ = run("--qmp", str(sock_path), "--qmp-timeout", value, "walk")
+    assert code == 2 and f"--qmp-timeout {value}: want seconds" in one_error(err)
+
+
+def test_qmp_timeout_needs_qmp(tmp_path: Path) -> None:
+    f = tmp_path / "raw"
+    f.write_bytes(bytes(4096))
+    code, _, err, _ = run("--raw", str(f), "--qmp-timeout", "1", "walk")
+    assert code == 2 and "--qmp-timeout applies to --qmp only" in one_error(err)
+
+
 def _messages(conn: socket.socket) -> Iterator[dict[str, Any]]:
     """JSON objects as the client sends them (QMP clients need not end them with newlines)."""
     dec, buf = json.JSONDecoder(), ""

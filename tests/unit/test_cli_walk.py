@@ -121,3 +121,31 @@ def test_run_lines_chunks_equal_rows() -> None:
     assert "".join(text for text, _ in chunks) == want
     assert [n for _, n in chunks] == [97] * 10 + [31]
     assert want.splitlines()[-1].startswith("0xffffffffffe00000-0x10000000000000000 ")
+
+
+def test_run_lines_json_chunks_equal_run_json() -> None:
+    """RunLines.json_chunks prints ``json.dumps(run_json(fmt, run))`` for every run, byte for
+    byte, across block boundaries, for every level and attrs (user, not present, cache and
+    software bits), up to a run ending at 2**64."""
+    import json
+
+    from ptlab.cli.runs import RunLines, run_json
+    from ptlab.formats.base import Attrs, Kind
+    from ptlab.walk.runs import Run
+
+    fmt = by_name("x86_64-4level")
+    kinds = [Attrs(present=p, writable=w, exec=x, user=u, global_=not u, cache=c, sw=s)
+             for p in (True, False) for w in (False, True) for x in (False, True)
+             for u in (False, True) for c, s in ((0, 0), (2, 5))]
+    rows = [(0xFFFF_8880_0000_0000 + i * 0x3000, 0x1000 << (i % 3), i * 0x5000,
+             4096 << (9 * (i % 3)), i % 3, kinds[i % len(kinds)], 1 + i % 7, Kind.LEAF, None)
+            for i in range(1000)]
+    rows.append((0xFFFF_FFFF_FFE0_0000, 0x20_0000, 0x4000_0000, 0x20_0000, 1, kinds[0], 1,
+                 Kind.LEAF, None))
+    runs = [Run(va=va, size=size, pa=pa, page_size=ps, level=lv, attrs=a, count=n)
+            for va, size, pa, ps, lv, a, n, _, _ in rows]
+    want = "".join(json.dumps(run_json(fmt, r)) + "\n" for r in runs)
+    chunks = list(RunLines(fmt).json_chunks(rows, chunk=97))
+    assert "".join(text for text, _ in chunks) == want
+    assert [n for _, n in chunks] == [97] * 10 + [31]
+    assert json.loads(want.splitlines()[-1])["end"] == "0x10000000000000000"

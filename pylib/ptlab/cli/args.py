@@ -29,6 +29,9 @@ def _add_input_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--qmp-copy", action="store_true",
                    default=argparse.SUPPRESS if suppress else False,
                    help="with --qmp: read RAM through pmemsave even where it could be mapped")
+    g.add_argument("--qmp-timeout", metavar="SECONDS", default=d,
+                   help="with --qmp: how long to wait for each QMP answer (default 5; a "
+                   "socket another client holds never greets)")
     g.add_argument("--region", metavar="PA:OFF:SIZE", action="append", default=d,
                    help="raw image region (repeatable); default: whole file at PA 0")
     g.add_argument("--format", metavar="NAME", default=d, help="page-table format name")

@@ -9,8 +9,8 @@ from ..formats.base import Format
 from ..walk import Walker
 from .infer import infer_format, infer_root
 from .inputs import Source
-from .runs import RunLines, anomaly_json, run_json
-from .text import level_name, write_lines
+from .runs import RunLines, anomaly_json
+from .text import level_name
 from .walking import _range, walk_budget
 
 
@@ -39,7 +39,10 @@ def cmd_walk(src: Source, args: argparse.Namespace, out: IO[str]) -> int:
 def walk_json(fmt: Format, walker: Walker, table: Any, out: IO[str]) -> int:
     import json
 
-    n = write_lines(out, (json.dumps(run_json(fmt, r)) for r in table))
+    n = 0
+    for text, lines in RunLines(fmt).json_chunks(table.rows()):
+        out.write(text)
+        n += lines
     for a in walker.anomalies:
         out.write(json.dumps(anomaly_json(a)) + "\n")
     out.write(json.dumps({"runs": n, "tables": walker.tables_visited,

@@ -40,6 +40,20 @@ class Source:
         return self.vmcoreinfo.arch if self.vmcoreinfo is not None else None
 
 
+
+def _qmp_timeout(args: argparse.Namespace) -> float:
+    """``--qmp-timeout`` in seconds (default 5): a positive, finite number."""
+    text = getattr(args, "qmp_timeout", None)
+    if text is None:
+        return 5.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 3600:
+        raise CliError(f"--qmp-timeout {text}: want seconds, more than 0 and under 3600")
+    return value
+
 def open_input(args: argparse.Namespace, err: IO[str] | None = None) -> Source:
     """Open the input ``args`` name; ``err`` hears that a live guest was stopped/resumed."""
     for opt in ("dump", "elf", "raw", "qmp", "format", "vmcoreinfo"):
@@ -54,12 +68,14 @@ def open_input(args: argparse.Namespace, err: IO[str] | None = None) -> Source:
     path = getattr(args, given[0])
     if getattr(args, "qmp_copy", False) and given[0] != "qmp":
         raise CliError("--qmp-copy applies to --qmp only")
+    if getattr(args, "qmp_timeout", None) is not None and given[0] != "qmp":
+        raise CliError("--qmp-timeout applies to --qmp only")
     if given[0] == "qmp":
         if args.region:
             raise CliError("--region applies to raw images, not to --qmp")
         from ..memory.qmp_live import attach
 
-        live = attach(path, copy=args.qmp_copy,
+        live = attach(path, copy=args.qmp_copy, timeout=_qmp_timeout(args),
                       say=lambda s: (err.write(s + "\n"), err.flush()) if err else None)
         src = Source(live, "qmp", path, live)
         if live.shared:

@@ -28,6 +28,7 @@ class RunLines:
         # the object alive, so its id cannot be reused for other attributes
         self._tails: dict[tuple[int, int, int], tuple[Attrs, str]] = {}
         self._sizes: dict[int, str] = {}
+        self._jtails: dict[tuple[int, int], tuple[Attrs, str]] = {}  # json_chunks'
 
     def __call__(self, r: Any) -> str:
         a = r.attrs
@@ -74,6 +75,30 @@ class RunLines:
             flat[3::6], flat[4::6], flat[5::6] = pas, counts, tls
             yield (_LINE * len(part)) % tuple(flat), len(part)
 
+    def json_chunks(self, rows: Iterable[RunRow],
+                    chunk: int = 4096) -> Iterator[tuple[str, int]]:
+        """:meth:`chunks` for ``walk --json``: each line is ``json.dumps(run_json(fmt, r))``
+        byte for byte, the (level, attributes) part made once per distinct pair."""
+        import json
+
+        jtails = self._jtails
+        it = iter(rows)
+        while part := list(islice(it, chunk)):
+            vas, lens, pas, psizes, levels, attrs, counts, _, _ = zip(*part, strict=True)
+            tls = []
+            for lv, a in zip(levels, attrs, strict=True):
+                hit = jtails.get((lv, id(a)))
+                if hit is None:
+                    text = (f'"level": {json.dumps(lv)}, '
+                            f'"level_name": {json.dumps(level_name(self.fmt, lv))}, '
+                            f'"attrs": {json.dumps(attrs_text(a))}')
+                    hit = jtails[(lv, id(a))] = (a, text)
+                tls.append(hit[1])
+            flat: list[Any] = [None] * (7 * len(part))
+            flat[0::7], flat[1::7], flat[2::7] = vas, list(map(add, vas, lens)), lens
+            flat[3::7], flat[4::7], flat[5::7], flat[6::7] = pas, psizes, counts, tls
+            yield (_JSON_LINE * len(part)) % tuple(flat), len(part)
+
     def _size(self, n: int) -> str:
         text = self._sizes[n] = f"{size_text(n):>6}"
         return text
@@ -85,6 +110,9 @@ class RunLines:
 
 
 _LINE = "%#018x-%#018x %s  pa %#014x  %6d x %s\n"  # RunLines' line, for chunks()
+# json_chunks' line: run_json's keys in its order, json.dumps' separators
+_JSON_LINE = ('{"va": "%#x", "end": "%#x", "size": %d, "pa": "%#x", "page_size": %d, '
+              '"count": %d, %s}\n')
 
 
 def run_json(fmt: Format, r: Any) -> dict[str, Any]:
