@@ -22,7 +22,6 @@ Nothing here loosens a comparison: a difference is a finding.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,28 +160,34 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _key(r: Run | None, va: int) -> tuple[Any, ...] | None:
-    if r is None:
-        return None
-    return r.pa + (va - r.va), r.page_size, r.attrs.with_(accessed=False, dirty=False)
-
-
 def compare_runs(scenario: str, model: Sequence[Run], real: Sequence[Run]) -> Comparison:
     """Page for page over every VA either run list covers: same PA, page size and attrs
-    (the runs come from :func:`walk_runs`: accessed/dirty already ignored)."""
+    (the runs come from :func:`walk_runs`, sorted and disjoint: accessed/dirty already
+    ignored). One sweep over both lists, cut wherever a run of either starts or ends."""
     out = Comparison(scenario)
-    model_starts, real_starts = [r.va for r in model], [r.va for r in real]
     cuts = sorted({x for r in (*model, *real) for x in (r.va, r.end)})
+    clean: dict[int, tuple[Any, Any]] = {}  # id(attrs) -> (attrs, without accessed/dirty)
 
-    def at(runs: Sequence[Run], starts: list[int], va: int) -> Run | None:
-        i = bisect.bisect_right(starts, va) - 1
-        return runs[i] if i >= 0 and va < runs[i].end else None
+    def key(r: Run | None, va: int) -> tuple[Any, ...] | None:
+        if r is None:
+            return None
+        hit = clean.get(id(r.attrs))
+        if hit is None:  # the walk shares Attrs objects; the entry keeps its object alive
+            hit = clean[id(r.attrs)] = (r.attrs, r.attrs.with_(accessed=False, dirty=False))
+        return r.pa + (va - r.va), r.page_size, hit[1]
 
+    i = j = 0
+    nm, nr = len(model), len(real)
     for a, b in zip(cuts, cuts[1:], strict=False):
-        m, r = at(model, model_starts, a), at(real, real_starts, a)
+        while i < nm and model[i].end <= a:
+            i += 1
+        while j < nr and real[j].end <= a:
+            j += 1
+        m = model[i] if i < nm and model[i].va <= a else None
+        r = real[j] if j < nr and real[j].va <= a else None
         if m is None and r is None:
             continue
-        km, kr = _key(m, a), _key(r, a)
+        km, kr = key(m, a), key(r, a)
         if km == kr:
             out.agree += (b - a) // PAGE
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import random
-import re
+import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -149,21 +149,32 @@ def agent_symbol(info: dict[str, Any], name: str) -> int:
     return syms[name]
 
 
+def grep_kallsyms(g: Any, names: Sequence[str]) -> dict[str, int]:
+    """Addresses of ``names`` in the guest's /proc/kallsyms, read over SSH with busybox
+    ``grep -F`` (fixed strings: a third of the guest time of an ``-E`` alternation, 0.4 s
+    against 1.2 s under TCG) and kept where the name matches exactly on a core-kernel line
+    (no ``[module]`` field); the first of duplicates."""
+    if not names:
+        return {}
+    patterns = " ".join(f"-e {shlex.quote(' ' + n)}" for n in names)
+    rc, text, err = g.ssh(f"grep -F {patterns} /proc/kallsyms")
+    if rc not in (0, 1):  # 1: nothing matched
+        raise ScenarioError(f"grep /proc/kallsyms: status {rc}: {err.strip()[:200]}")
+    wanted, out = set(names), {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] in wanted:
+            out.setdefault(parts[2], int(parts[0], 16))
+    return out
+
+
 def kallsyms(g: Any, names: Sequence[str]) -> dict[str, int]:
     """Addresses of ``names``: from ``ptagent info`` when it reports them, else from the
     guest's /proc/kallsyms over SSH (the guest must be running). Missing names are left out."""
     syms = agent_reply.kallsyms(g.info)
     out = {name: syms[name] for name in names if name in syms}
     rest = [n for n in names if n not in out]
-    if rest:
-        pattern = "|".join(re.escape(n) for n in rest)
-        _, text, _ = g.ssh(f"grep -E ' ({pattern})$' /proc/kallsyms")
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] in rest and parts[2] not in out:
-                addr = int(parts[0], 16)
-                if addr:
-                    out[parts[2]] = addr
+    out.update((n, a) for n, a in grep_kallsyms(g, rest).items() if a)
     return out
 
 

@@ -40,18 +40,6 @@ def iomem_system_ram(g: Guest) -> list[tuple[int, int]]:
     return ranges
 
 
-def kallsyms_file(g: Guest, names) -> dict[str, int]:
-    """Addresses of ``names`` in /proc/kallsyms, read with grep (first core-kernel match)."""
-    pattern = "|".join(names)
-    rc, out, _ = g.ssh(f"grep -E ' ({pattern})$' /proc/kallsyms")
-    assert rc == 0
-    found: dict[str, int] = {}
-    for line in out.splitlines():
-        addr, _kind, name = line.split()[:3]
-        found.setdefault(name, int(addr, 16))
-    return found
-
-
 def kcore(g: Guest, va: int, size: int) -> bytes:
     """``size`` bytes at kernel VA ``va`` as the kernel reads them (/proc/kcore via ptagent)."""
     reply = g.agent("kread", hex(va), str(size))
@@ -78,7 +66,7 @@ def test_boot_and_agent_info(profile, guest_pool):
     assert ram_ranges(info) == iomem_system_ram(g)
     names = sorted(info["kallsyms"])[:5] + ["init_top_pgt"]  # the kernel root's symbol too
     syms = {n: info["kallsyms"][n] for n in names}
-    assert syms and kallsyms_file(g, syms) == syms
+    assert syms and scenarios.grep_kallsyms(g, list(syms)) == syms
     assert g.boot_seconds is not None and 0 < g.boot_seconds < g.boot_timeout
     rc, out, _ = g.ssh("cat /proc/cmdline")
     assert rc == 0 and "secretmem.enable=1" in out and "ptlab.key=" in out
