@@ -40,9 +40,12 @@ test-unit: setup
 	$(BIN)/pytest -q -n $(JOBS) --junitxml=$(ARTIFACTS)/junit-unit.xml tests/unit
 
 # The main job: every real-table test; the reduced leak/stress tests run in `make test`
-# (test-stress-quick) and fully in `make stress`.
+# (test-stress-quick) and fully in `make stress`. The real-guest tests use no hypothesis:
+# its plugin's import (0.6 s per process, three processes) is left out.
+NO_HYPOTHESIS := -p no:hypothesispytest
 test-qemu: images
-	$(SELECT) $(BIN)/pytest -q -n $(JOBS) --dist loadscope -m "qemu and not stress" \
+	$(SELECT) $(BIN)/pytest -q -n $(JOBS) $(NO_HYPOTHESIS) --dist loadscope \
+		-m "qemu and not stress" \
 		--junitxml=$(ARTIFACTS)/junit-qemu$(if $(KERNEL),-$(KERNEL)).xml $(PYTEST_ARGS) $(QEMU_TESTS)
 
 # images first, so that the unit tests that read the built images run too
@@ -63,7 +66,7 @@ stress: images
 	$(BIN)/python -m ptharness.stress --profile "$(or $(PROFILE),$(ARCH))" $(STRESS_ARGS)
 
 test-stress-quick: images
-	$(SELECT) $(BIN)/pytest -q -n $(JOBS) -m stress \
+	$(SELECT) $(BIN)/pytest -q -n $(JOBS) $(NO_HYPOTHESIS) -m stress \
 		--junitxml=$(ARTIFACTS)/junit-stress.xml $(PYTEST_ARGS) tests/qemu
 
 bench: setup

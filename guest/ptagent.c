@@ -659,18 +659,27 @@ static int cmd_info(struct out *o, int argc, char **argv)
     FILE *f = fopen("/proc/kallsyms", "re");
     int nonzero = 0;
     if (f) {
+        /* ~150k lines "ADDR T NAME" ("ADDR t NAME\t[MODULE]" for modules): split by hand and
+           compare a name only with symbols of its length (sscanf and a strcmp per symbol
+           made `info` take 0.8 s of guest CPU under TCG) */
+        size_t len[N_SYMS];
+        for (size_t i = 0; info_symbols[i]; i++)
+            len[i] = strlen(info_symbols[i]);
         char line[512];
         while (fgets(line, sizeof line, f)) {
-            unsigned long long a;
-            char type, name[256], extra[256];
-            int n = sscanf(line, "%llx %c %255s %255s", &a, &type, name, extra);
-            if (n != 3)
-                continue;       /* module symbols carry a 4th field: [module] */
-            nonzero |= a != 0;
+            char *sp = strchr(line, ' ');
+            if (!sp || !sp[1] || sp[2] != ' ')
+                continue;
+            char *name = sp + 3;
+            size_t n = strcspn(name, "\t\n");
+            if (name[n] == '\t' || n == 0)
+                continue;       /* a module's symbol */
+            if (!nonzero)
+                nonzero = strspn(line, "0") < (size_t)(sp - line);
             for (size_t i = 0; info_symbols[i]; i++)
-                if (!have[i] && !strcmp(name, info_symbols[i])) {
+                if (!have[i] && len[i] == n && !memcmp(name, info_symbols[i], n)) {
                     have[i] = 1;
-                    addr[i] = a;
+                    addr[i] = strtoull(line, NULL, 16);
                 }
         }
         fclose(f);

@@ -477,15 +477,13 @@ def uses_pool(item: pytest.Item) -> bool:
 SPLIT = frozenset({"x86_64-pti"})
 SECOND_HALF = frozenset({"test_kernel_scenarios.py", "test_kernel_modules.py",
                          "test_guest_lifecycle.py", "test_wx_planted.py"})
-# Seconds a work unit took (boots included, measured at load ~2), for the heaviest-first
-# order: pool units by profile and half, the others by file (and class).
+# Seconds a work unit took (boots included; `make test-qemu ARCH=all`, two workers, load ~2),
+# for the heaviest-first order: pool units by profile and half, the others by file (and class).
 UNIT_WEIGHT = {
-    "pool:x86_64-pti": 60, "pool:x86_64-pti/b": 60, "pool:x86_64-la57": 45, "pool:x86_64": 40,
-    "pool:arm64": 35, "pool:arm64-kpti": 35,
-    "test_guest_lifecycle.py": 30, "test_cli_live_qemu.py": 23, "test_cli_arm64_qemu.py": 20,
-    "test_kernel_hotplug.py::TestX86_64La57": 22, "test_kernel_hotplug.py::TestX86_64": 13,
-    "test_kernel_hotplug.py::TestX86_64Pti": 13, "test_kernel_hotplug.py::TestArm64": 12,
-    "test_kernel_hotplug.py::TestArm64Kpti": 12,
+    "pool:x86_64": 37, "pool:x86_64-la57": 28, "pool:x86_64-pti": 27, "pool:arm64": 22,
+    "pool:arm64-kpti": 21, "pool:x86_64-pti/b": 20,
+    "test_guest_lifecycle.py": 12, "test_cli_arm64_qemu.py": 9, "test_cli_live_qemu.py": 8,
+    "test_kernel_hotplug.py::TestArm64": 4, "test_kernel_hotplug.py::TestArm64Kpti": 4,
 }
 POOL_UNIT = "@pool:"  # nodeid suffix naming a test's pool work unit
 
