@@ -256,7 +256,7 @@ class Guest(RootsMixin, HotplugMixin):
                 time.sleep(0.2)  # a dying QEMU: let the watchdog name the cause
             raise self._error(f"SSH: {self._dead or e}") from None
         self.timings["ssh"] = time.monotonic() - t0
-        # `ping` proves the agent answers (~0.1 s); `info` (~1 s: it scans kallsyms) is fetched
+        # `ping` proves the agent answers (~0.06 s); `info` (~0.3 s: it scans kallsyms) is fetched
         # when first needed, see :attr:`info`.
         self.agent("ping", timeout=max(5.0, deadline - time.monotonic()))
         self.boot_seconds = self.timings["agent"] = time.monotonic() - t0
