@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -23,6 +24,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -323,10 +325,33 @@ static int get_pages(struct out *o, const char *arg, long *pages)
     return 0;
 }
 
-static void touch_pages(void *va, long pages)
+static sigjmp_buf touch_fault;
+
+static void on_touch_fault(int sig)
 {
-    for (long i = 0; i < pages; i++)
-        *(volatile uint64_t *)((char *)va + i * page_size()) = 0x70746c6162000000ULL | (uint64_t)i;
+    siglongjmp(touch_fault, sig);
+}
+
+/* Write each page once so that it is allocated (and, for secretmem, removed from the direct
+ * map). A page the kernel refuses to fault in (SIGBUS, e.g. a secretmem fault the kernel
+ * fails) must not kill the daemon and every object it holds: returns the index of that
+ * page, or -1 when all were touched. */
+static long touch_pages(void *va, long pages)
+{
+    struct sigaction sa = {.sa_handler = on_touch_fault}, old_bus, old_segv;
+    volatile long i = 0;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &old_bus);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    if (sigsetjmp(touch_fault, 1) == 0) {
+        for (; i < pages; i++)
+            *(volatile uint64_t *)((char *)va + i * page_size()) =
+                0x70746c6162000000ULL | (uint64_t)i;
+        i = -1;
+    }
+    sigaction(SIGBUS, &old_bus, NULL);
+    sigaction(SIGSEGV, &old_segv, NULL);
+    return i;
 }
 
 static int object_reply(struct out *o, struct object *ob)
@@ -363,6 +388,13 @@ static int cmd_secretmem(struct out *o, int argc, char **argv)
         close(fd);
         return fail(o, e, "mmap secretmem: %s", strerror(e));
     }
+    long bad = touch_pages(va, pages);
+    if (bad >= 0) {
+        munmap(va, size);
+        close(fd);
+        return fail(o, EFAULT, "secretmem: the kernel refused page %ld of %ld (SIGBUS)", bad,
+                    pages);
+    }
     struct object *ob = new_object();
     if (!ob) {
         munmap(va, size);
@@ -374,7 +406,6 @@ static int cmd_secretmem(struct out *o, int argc, char **argv)
     ob->pages = pages;
     ob->fd = fd;
     ob->prot = PROT_READ | PROT_WRITE;
-    touch_pages(va, pages);
     return object_reply(o, ob);
 }
 
@@ -1125,6 +1156,11 @@ static int cmd_serve(int argc, char **argv)
     }
     umask(old);
     signal(SIGPIPE, SIG_IGN);
+    /* secretmem pages are locked memory: the kernel refuses to fault one in beyond
+     * RLIMIT_MEMLOCK (8 MiB by default), whatever the capabilities. The daemon holds the
+     * scenarios' secrets, so it lifts its own limit (root may). */
+    struct rlimit unlimited = {RLIM_INFINITY, RLIM_INFINITY};
+    setrlimit(RLIMIT_MEMLOCK, &unlimited);
     started = time(NULL);
     if (daemonize) {
         pid_t pid = fork();

@@ -216,9 +216,9 @@ def secretmem_scattered(t: Target, n: int = 4, spacer: int = 511, tries: int = 3
     secret page lands about 1 + spacer pages further: one per 2 MiB region with 511);
     then the spacers are released, leaving ``n`` scattered non-present pages in split
     regions; then those. Each step is predicted on the tables the previous one left
-    (secretmem's ``remove_per_page`` / ``remove_batched``, ``restore``). ``n`` = 4: the
-    agent daemon fails beyond 8 MiB of secretmem held (a malformed reply; to be fixed in
-    guest/ptagent.c).
+    (secretmem's ``remove_per_page`` / ``remove_batched``, ``restore``). ``n`` = 4: 8 MiB
+    of secretmem (the agent daemon lifts RLIMIT_MEMLOCK, whose default 8 MiB once made the
+    kernel refuse the next page with SIGBUS and killed the daemon).
 
     The kernel does not always scatter them: pages other processes free between the
     agent's calls (each call is an SSH command) sit first on the per-CPU free lists, and

@@ -270,6 +270,39 @@ def mem_total_kib(g: Guest) -> int:
     return int(out.split()[1])
 
 
+SECRET_BEYOND_MEMLOCK = 2100  # pages: more than the default RLIMIT_MEMLOCK (8 MiB, 2048 pages)
+
+
+@pytest.mark.parametrize("profile", ["x86_64", "arm64"])
+def test_agent_holds_secretmem_beyond_the_memlock_default(profile, guest_pool, seeded_rng):
+    """secretmem pages are locked memory, and the kernel refused (SIGBUS) a page beyond the
+    8 MiB RLIMIT_MEMLOCK default, which killed the agent daemon and everything it held. The
+    daemon lifts its own limit (the kernel's /proc/PID/limits says so); it then holds more
+    than 8 MiB, the pages gone from the direct map (QEMU's gva2gpa, in the kernel regime, of
+    a sample of their direct-map VAs: unmapped; of the kernel root's: mapped), and it still
+    answers afterwards."""
+    g = guest_pool.acquire(profile)
+    daemon = g.agent("ping")["pid"]
+    limits = g.ssh(f"cat /proc/{daemon}/limits")[1]
+    locked = next(ln for ln in limits.splitlines() if ln.startswith("Max locked memory"))
+    assert locked.split()[3:5] == ["unlimited", "unlimited"], locked
+    held = g.agent("secretmem", str(SECRET_BEYOND_MEMLOCK))
+    pfns = held["pfns"]
+    assert len(pfns) == SECRET_BEYOND_MEMLOCK and None not in pfns and len(set(pfns)) == len(pfns)
+    root = g.kernel_root()
+    assert g.info  # (x86: page_offset_base's address, fetched while the guest runs)
+    scenarios.stop_where(g, lambda r: scenarios.in_kernel_regime(g, r, root), rng=seeded_rng)
+    try:
+        dm = scenarios.direct_map(g)
+        sample = pfns[:: len(pfns) // 50] + pfns[-1:]
+        vas = [dm.va(root)] + [dm.va(p * 4096) for p in sample]
+        assert oracle.gva2gpa_many(g.hmp, vas).gpas == [root] + [None] * len(sample)
+    finally:
+        g.cont()
+    assert g.agent("release", str(held["id"]))["released"] == [held["id"]]
+    assert g.agent("ping")["pid"] == daemon
+
+
 @pytest.mark.parametrize("profile", ["x86_64"])
 def test_x86_dimm_hotplug(profile, guest_pool):
     """A DIMM plugged into the pool guest (which has hotplug slots) appears as two memory

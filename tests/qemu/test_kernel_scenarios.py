@@ -108,8 +108,7 @@ class ScatteredChecks:
         print(f"secretmem_scattered/{self.profile}: {len(sc.vas)} secrets in {len(windows)} "
               f"2M regions, {len(sc.spacers)} spacer pages")
         # the kernel places them: 4 regions on most runs, 2 seen (la57), once 1 (the
-        # scenario then tries again); 8 MiB of secretmem is what the agent holds today
-        # (kernel_scenarios.secretmem_scattered)
+        # scenario then tries again; kernel_scenarios.secretmem_scattered)
         assert len(sc.vas) == 4 and len(windows) >= 2
         for out in (sc.fault, sc.batched, sc.spacers_released, sc.released):
             assert_predicted(out, self.profile)
