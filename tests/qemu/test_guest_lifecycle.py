@@ -76,7 +76,7 @@ def test_boot_and_agent_info(profile, guest_pool):
     assert not g.running
     t = time.monotonic()
     with pytest.raises(GuestError, match="did not finish"):
-        g.ssh("true", timeout=1)  # a paused guest is a hung SSH: bounded, reported
+        g.ssh("true", timeout=0.5)  # a paused guest is a hung SSH: bounded, reported
     assert time.monotonic() - t < 4
     g.cont()
     assert g.running
