@@ -1,20 +1,24 @@
 """What the real-guest CLI tests share: ptlab in process and as a subprocess, its
-``walk --json`` output parsed, the same objects from the harness's own walk, and the checks of
-a ``map --svg/--png`` picture that do not depend on the architecture."""
+``walk --json`` output parsed, the same objects from the harness's own walk, the checks of
+a ``map --svg/--png`` picture that do not depend on the architecture, ptlab's stop and resume
+of a running guest over ``--qmp``, and planting edits into a copy of an ELF dump."""
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ptharness.guest import Guest
 from ptlab.cli import anomaly_json, run_json, walk_budget
 from ptlab.cli import main as ptlab_main
+from ptlab.memory import ElfCore
 from ptlab.svgmap import COLOURS
 from ptlab.walk import Walker
 
@@ -69,3 +73,47 @@ def check_map(dump: Path, tmp: Path, markers: set[str]) -> tuple[ET.Element, byt
     finally:
         svg.unlink(missing_ok=True)
         png.unlink(missing_ok=True)
+
+
+def check_walk_resumes(g: Guest, *argv: str) -> None:
+    """``ptlab ARGV`` (a ``--qmp`` walk, its own process) on the running guest ``g``: it says it
+    stopped the guest, prints its runs, says it resumed it; the guest runs on and its agent
+    answers."""
+    live = ptlab(*argv)
+    assert live.returncode == 0, live.stderr
+    assert live.stderr.splitlines()[0] == "ptlab: guest stopped while reading"
+    assert "ptlab: guest resumed" in live.stderr.splitlines()
+    assert " runs, " in live.stdout.splitlines()[-1]
+    assert g.running
+    assert isinstance(g.agent("ping"), dict)  # raises unless the agent answers
+
+
+def planted_copy(dump: Path, tmp: Path) -> Path:
+    """A private copy of the ELF dump ``dump`` in ``tmp``, to plant changes into."""
+    planted = tmp / "planted.elf"
+    shutil.copyfile(dump, planted)
+    planted.chmod(0o600)
+    return planted
+
+
+def elf_file_offset(core: ElfCore, pa: int) -> int:
+    """The file offset of the 8 bytes at guest PA ``pa`` in the ELF dump ``core``."""
+    for ld in core.loads:
+        if ld.paddr <= pa and pa + 8 <= ld.paddr + ld.filesz:
+            return ld.offset + pa - ld.paddr
+    raise AssertionError(f"PA {pa:#x} is not in the dump")
+
+
+def patch_u64s(path: Path, bits: Sequence[tuple[int, int, int]],
+               words: Sequence[tuple[int, bytes]] = ()) -> None:
+    """Edit the little-endian 64-bit words of the file ``path`` in place: at each offset of
+    ``bits`` (offset, bits to set, bits to clear), then write each of ``words``."""
+    with open(path, "r+b") as f:
+        for off, set_, clear in bits:
+            f.seek(off)
+            raw = int.from_bytes(f.read(8), "little")
+            f.seek(off)
+            f.write(((raw | set_) & ~clear & ((1 << 64) - 1)).to_bytes(8, "little"))
+        for off, data in words:
+            f.seek(off)
+            f.write(data)

@@ -33,12 +33,21 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import struct
 from typing import Any
 
 import pytest
-from cli_helpers import check_map, cli, harness_walk, json_runs, ptlab
+from cli_helpers import (
+    check_map,
+    check_walk_resumes,
+    cli,
+    elf_file_offset,
+    harness_walk,
+    json_runs,
+    patch_u64s,
+    planted_copy,
+    ptlab,
+)
 from ptharness import oracle, scenarios
 from ptharness.guest import Guest
 from ptharness.profiles import kernel_series
@@ -143,18 +152,9 @@ def test_check_clean_guest(arm: Any) -> None:
                         f"{syms['_etext']:#x}, {user}"), lines
 
 
-def _file_offset(core: ElfCore, pa: int) -> int:
-    for ld in core.loads:
-        if ld.paddr <= pa and pa + 8 <= ld.paddr + ld.filesz:
-            return ld.offset + pa - ld.paddr
-    raise AssertionError(f"PA {pa:#x} is not in the dump")
-
-
 def test_check_finds_planted_changes(arm: Any, seeded_rng: random.Random) -> None:
     fmt, root, stext = arm["fmt"], arm["root"], arm["syms"]["_stext"]
-    planted = arm["tmp"] / "planted.elf"
-    shutil.copyfile(arm["path"], planted)
-    planted.chmod(0o600)
+    planted = planted_copy(arm["path"], arm["tmp"])
     core = ElfCore(planted)
     try:
         base = arm["dm"].base
@@ -167,24 +167,16 @@ def test_check_finds_planted_changes(arm: Any, seeded_rng: random.Random) -> Non
         for va, (set_, clear) in zip(vas, ((0, PXN), (AP_EL0, 0), (0, UXN)), strict=True):
             t = translate(fmt, core, root, va)
             assert t.pa is not None and t.steps[-1].level == 0, t
-            edits.append((_file_offset(core, t.steps[-1].entry_pa), set_, clear))
+            edits.append((elf_file_offset(core, t.steps[-1].entry_pa), set_, clear))
         slot = fmt.index(stext & (fmt.va_span - 1), fmt.top_level) * 8
         kernel_entry = core.read(root + slot, 8)
         assert core.read(root - TRAMP_OFFSET + slot, 8) == bytes(8)
-        edits.append((_file_offset(core, root - TRAMP_OFFSET + slot), -1, 0))
+        tramp_slot = elf_file_offset(core, root - TRAMP_OFFSET + slot)
         print("planted: W+X {:#x}, EL0 access {:#x}, no UXN {:#x}, tramp slot {}".format(
             *vas, slot // 8))
     finally:
         core.close()
-    with open(planted, "r+b") as f:
-        for off, set_, clear in edits:
-            f.seek(off)
-            if set_ == -1:
-                f.write(kernel_entry)
-                continue
-            raw = int.from_bytes(f.read(8), "little")
-            f.seek(off)
-            f.write(((raw | set_) & ~clear).to_bytes(8, "little"))
+    patch_u64s(planted, edits, [(tramp_slot, kernel_entry)])
     code, out = cli("--dump", str(planted), "check", "--json")
     planted.unlink()
     found = [json.loads(line) for line in out.splitlines()]
@@ -350,10 +342,4 @@ def test_live_qmp(arm: Any) -> None:
         assert json_runs(walk.stdout) == theirs, extra
     assert not g.running  # stopped before: ptlab left it so
     g.cont()
-    live = ptlab("--qmp", sock, "walk", "--start", hex(lo))
-    assert live.returncode == 0, live.stderr
-    assert live.stderr.splitlines()[0] == "ptlab: guest stopped while reading"
-    assert "ptlab: guest resumed" in live.stderr.splitlines()
-    assert " runs, " in live.stdout.splitlines()[-1]
-    assert g.running
-    assert isinstance(g.agent("ping"), dict)  # raises unless the agent answers
+    check_walk_resumes(g, "--qmp", sock, "walk", "--start", hex(lo))

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, harness_walk, json_runs, ptlab
+from cli_helpers import check_walk_resumes, cli, harness_walk, json_runs, ptlab
 from conftest import assert_cleaned
 from ptharness.guest import Guest
 
@@ -66,13 +66,7 @@ def test_live_walk(tmp_path: Path) -> None:
             assert not g.running  # stopped before: ptlab left it so
         finally:
             g.cont()
-        live = ptlab(*qmp, "walk")
-        assert live.returncode == 0, live.stderr
-        assert live.stderr.splitlines()[0] == "ptlab: guest stopped while reading"
-        assert "ptlab: guest resumed" in live.stderr.splitlines()
-        assert " runs, " in live.stdout.splitlines()[-1]
-        assert g.running
-        assert isinstance(g.agent("ping"), dict)  # raises unless the agent answers
+        check_walk_resumes(g, *qmp, "walk")
         held = ptlab("--qmp", str(g.rundir / "qmp.sock"), "--qmp-timeout", "1", "walk")
         assert held.returncode == 2
         assert [x for x in held.stderr.splitlines() if x] == [

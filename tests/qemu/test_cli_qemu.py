@@ -23,14 +23,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import struct
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import check_map, cli
+from cli_helpers import check_map, cli, elf_file_offset, patch_u64s, planted_copy
 from conftest import ram_dir
 from ptharness import oracle
 from ptharness.agent_reply import kallsyms
@@ -132,18 +131,9 @@ def test_check_clean_guest(dumped: Any) -> None:
     assert lines[0].endswith(f"PTI user PGD (kernel PGD + 0x1000) at {root + 0x1000:#x}")
 
 
-def _file_offset(core: ElfCore, pa: int) -> int:
-    for ld in core.loads:
-        if ld.paddr <= pa and pa + 8 <= ld.paddr + ld.filesz:
-            return ld.offset + pa - ld.paddr
-    raise AssertionError(f"PA {pa:#x} is not in the dump")
-
-
 def test_check_finds_planted_changes(dumped: Any, seeded_rng: random.Random) -> None:
     fmt, root, syms = dumped["fmt"], dumped["root"], dumped["syms"]
-    planted = dumped["tmp"] / "planted.elf"
-    shutil.copyfile(dumped["path"], planted)
-    planted.chmod(0o600)
+    planted = planted_copy(dumped["path"], dumped["tmp"])
     core = ElfCore(planted)
     try:
         direct = [r for r in Walker(fmt, core, root).runs(1 << 63, 1 << 64)
@@ -152,25 +142,18 @@ def test_check_finds_planted_changes(dumped: Any, seeded_rng: random.Random) -> 
         wx_run, us_run = seeded_rng.sample(direct, 2)
         wx_va = wx_run.va + seeded_rng.randrange(wx_run.size // 4096) * 4096
         us_va = us_run.va + seeded_rng.randrange(us_run.size // 4096) * 4096
-        edits = []  # (file offset, value to OR in, value to AND with)
+        edits = []  # (file offset, bits to set, bits to clear)
         t = translate(fmt, core, root, wx_va)
-        edits.append((_file_offset(core, t.steps[-1].entry_pa), 0, ~NX))
+        edits.append((elf_file_offset(core, t.steps[-1].entry_pa), 0, NX))
         t = translate(fmt, core, root, us_va)
-        edits += [(_file_offset(core, s.entry_pa), US, -1) for s in t.steps]
+        edits += [(elf_file_offset(core, s.entry_pa), US, 0) for s in t.steps]
         slot = fmt.index(syms["linux_banner"] & (fmt.va_span - 1), fmt.top_level) * 8
-        kernel_entry = int.from_bytes(core.read(root + slot, 8), "little")
-        user_slot = _file_offset(core, root + 0x1000 + slot)
+        kernel_entry = core.read(root + slot, 8)
+        user_slot = elf_file_offset(core, root + 0x1000 + slot)
         print(f"planted: W+X at {wx_va:#x}, US at {us_va:#x}, user PGD slot {slot // 8}")
     finally:
         core.close()
-    with open(planted, "r+b") as f:
-        for off, set_, keep in edits:
-            f.seek(off)
-            raw = int.from_bytes(f.read(8), "little")
-            f.seek(off)
-            f.write(((raw | set_) & keep & ((1 << 64) - 1)).to_bytes(8, "little"))
-        f.seek(user_slot)
-        f.write(kernel_entry.to_bytes(8, "little"))
+    patch_u64s(planted, edits, [(user_slot, kernel_entry)])
     code, out = cli("--dump", str(planted), "check", "--json")
     found = [json.loads(line) for line in out.splitlines()]
     assert code == 1
