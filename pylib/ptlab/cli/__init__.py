@@ -43,11 +43,10 @@ from .walking import MAX_WALK_WORK, walk_budget
 
 __all__ = [
     "COMMANDS", "MAX_WALK_WORK", "SCAN_LIMIT", "CliError", "RunLines", "Source", "anomaly_json",
-    "attrs_text",
-    "build_parser", "command", "dump_kind", "infer_format", "infer_root", "level_name",
-    "load_vmcoreinfo", "main", "one_line", "open_input", "parse_int", "parse_region", "parse_va",
-    "run_json",
-    "run_text", "size_text", "walk_budget", "write_lines",
+    "attrs_text", "build_parser", "command", "dump_kind", "infer_format", "infer_root",
+    "level_name", "load_vmcoreinfo", "main", "one_line", "open_input", "parse_int",
+    "parse_region", "parse_va", "run_json", "run_text", "size_text", "walk_budget",
+    "write_lines",
 ]
 
 

@@ -10,7 +10,7 @@ from ..walk import Walker
 from .infer import infer_format, infer_root
 from .inputs import Source
 from .runs import RunLines, anomaly_json
-from .text import level_name
+from .text import level_name, write_chunks
 from .walking import _range, walk_budget
 
 
@@ -23,10 +23,7 @@ def cmd_walk(src: Source, args: argparse.Namespace, out: IO[str]) -> int:
     table = walker.run_table(start, end)
     if args.json:
         return walk_json(fmt, walker, table, out)
-    n = 0
-    for text, lines in RunLines(fmt).chunks(table.rows()):
-        out.write(text)
-        n += lines
+    n = write_chunks(out, RunLines(fmt).chunks(table.rows()))
     for a in walker.anomalies:
         out.write(f"# anomaly va {a.va:#x} {level_name(fmt, a.level)} entry @{a.entry_pa:#x} "
                   f"= {a.raw:#018x}: {a.reason}\n")
@@ -39,10 +36,7 @@ def cmd_walk(src: Source, args: argparse.Namespace, out: IO[str]) -> int:
 def walk_json(fmt: Format, walker: Walker, table: Any, out: IO[str]) -> int:
     import json
 
-    n = 0
-    for text, lines in RunLines(fmt).json_chunks(table.rows()):
-        out.write(text)
-        n += lines
+    n = write_chunks(out, RunLines(fmt).json_chunks(table.rows()))
     for a in walker.anomalies:
         out.write(json.dumps(anomaly_json(a)) + "\n")
     out.write(json.dumps({"runs": n, "tables": walker.tables_visited,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from operator import add
 from typing import Any
@@ -64,49 +64,58 @@ class RunLines:
         and their line count: the rows are transposed and every block formatted by one
         ``%`` of a repeated line template, without a Python call per line."""
         tails, sizes = self._tails, self._sizes
-        it = iter(rows)
-        while part := list(islice(it, chunk)):
-            vas, lens, pas, psizes, levels, attrs, counts, _, _ = zip(*part, strict=True)
+        for vas, lens, pas, psizes, levels, attrs, counts in _columns(rows, chunk):
             szs = [sizes.get(n) or self._size(n) for n in lens]
             tls = [(tails.get((p, lv, id(a))) or self._tail(p, lv, a))[1]
                    for p, lv, a in zip(psizes, levels, attrs, strict=True)]
-            flat: list[Any] = [None] * (6 * len(part))
-            flat[0::6], flat[1::6], flat[2::6] = vas, list(map(add, vas, lens)), szs
-            flat[3::6], flat[4::6], flat[5::6] = pas, counts, tls
-            yield (_LINE * len(part)) % tuple(flat), len(part)
+            yield _format(_LINE, vas, list(map(add, vas, lens)), szs, pas, counts, tls)
 
     def json_chunks(self, rows: Iterable[RunRow],
                     chunk: int = 4096) -> Iterator[tuple[str, int]]:
         """:meth:`chunks` for ``walk --json``: each line is ``json.dumps(run_json(fmt, r))``
         byte for byte, the (level, attributes) part made once per distinct pair."""
-        import json
-
         jtails = self._jtails
-        it = iter(rows)
-        while part := list(islice(it, chunk)):
-            vas, lens, pas, psizes, levels, attrs, counts, _, _ = zip(*part, strict=True)
-            tls = []
-            for lv, a in zip(levels, attrs, strict=True):
-                hit = jtails.get((lv, id(a)))
-                if hit is None:
-                    text = (f'"level": {json.dumps(lv)}, '
-                            f'"level_name": {json.dumps(level_name(self.fmt, lv))}, '
-                            f'"attrs": {json.dumps(attrs_text(a))}')
-                    hit = jtails[(lv, id(a))] = (a, text)
-                tls.append(hit[1])
-            flat: list[Any] = [None] * (7 * len(part))
-            flat[0::7], flat[1::7], flat[2::7] = vas, list(map(add, vas, lens)), lens
-            flat[3::7], flat[4::7], flat[5::7], flat[6::7] = pas, psizes, counts, tls
-            yield (_JSON_LINE * len(part)) % tuple(flat), len(part)
+        for vas, lens, pas, psizes, levels, attrs, counts in _columns(rows, chunk):
+            tls = [(jtails.get((lv, id(a))) or self._jtail(lv, a))[1]
+                   for lv, a in zip(levels, attrs, strict=True)]
+            yield _format(_JSON_LINE, vas, list(map(add, vas, lens)), lens, pas, psizes,
+                          counts, tls)
 
     def _size(self, n: int) -> str:
         text = self._sizes[n] = f"{size_text(n):>6}"
         return text
 
+    def _jtail(self, level: int, attrs: Attrs) -> tuple[Attrs, str]:
+        import json
+
+        hit = self._jtails[(level, id(attrs))] = (
+            attrs, f'"level": {json.dumps(level)}, '
+                   f'"level_name": {json.dumps(level_name(self.fmt, level))}, '
+                   f'"attrs": {json.dumps(attrs_text(attrs))}')
+        return hit
+
     def _tail(self, psize: int, level: int, attrs: Attrs) -> tuple[Attrs, str]:
         hit = self._tails[(psize, level, id(attrs))] = (
             attrs, f"{size_text(psize):<4} {level_name(self.fmt, level):<4} {attrs_text(attrs)}")
         return hit
+
+
+def _columns(rows: Iterable[RunRow], chunk: int) -> Iterator[tuple[tuple[Any, ...], ...]]:
+    """Blocks of up to ``chunk`` rows, transposed: (vas, sizes, pas, page sizes, levels,
+    attrs, counts)."""
+    it = iter(rows)
+    while part := list(islice(it, chunk)):
+        yield tuple(zip(*part, strict=True))[:7]
+
+
+def _format(line: str, *columns: Sequence[Any]) -> tuple[str, int]:
+    """One block of lines: the template ``line`` repeated, filled from ``columns`` row by
+    row by a single ``%``; returns the text and its number of lines."""
+    n, k = len(columns[0]), len(columns)
+    flat: list[Any] = [None] * (k * n)
+    for i, column in enumerate(columns):
+        flat[i::k] = column
+    return (line * n) % tuple(flat), n
 
 
 _LINE = "%#018x-%#018x %s  pa %#014x  %6d x %s\n"  # RunLines' line, for chunks()

@@ -3,7 +3,7 @@ lines written in chunks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO
 
 from ..formats.base import Attrs, Format
@@ -62,3 +62,12 @@ def write_lines(out: IO[str], lines: Iterator[str], chunk: int = 4096) -> int:
     if buf:
         out.write("\n".join(buf) + "\n")
     return n + len(buf)
+
+
+def write_chunks(out: IO[str], chunks: Iterable[tuple[str, int]]) -> int:
+    """Write text blocks given with their line counts; returns the lines written."""
+    n = 0
+    for text, lines in chunks:
+        out.write(text)
+        n += lines
+    return n
