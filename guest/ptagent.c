@@ -1158,9 +1158,14 @@ static int cmd_serve(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     /* secretmem pages are locked memory: the kernel refuses to fault one in beyond
      * RLIMIT_MEMLOCK (8 MiB by default), whatever the capabilities. The daemon holds the
-     * scenarios' secrets, so it lifts its own limit (root may). */
-    struct rlimit unlimited = {RLIM_INFINITY, RLIM_INFINITY};
-    setrlimit(RLIMIT_MEMLOCK, &unlimited);
+     * scenarios' secrets, so it lifts its own limit (root may); PTAGENT_MEMLOCK=BYTES sets
+     * it instead (a test's way to make the kernel refuse a page). */
+    struct rlimit memlock = {RLIM_INFINITY, RLIM_INFINITY};
+    const char *cap = getenv("PTAGENT_MEMLOCK");
+    unsigned long long bytes;
+    if (cap && *cap && !parse_u64(cap, &bytes))
+        memlock.rlim_cur = memlock.rlim_max = (rlim_t)bytes;
+    setrlimit(RLIMIT_MEMLOCK, &memlock);
     started = time(NULL);
     if (daemonize) {
         pid_t pid = fork();

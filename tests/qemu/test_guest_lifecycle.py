@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 import threading
@@ -271,6 +272,7 @@ def mem_total_kib(g: Guest) -> int:
 
 
 SECRET_BEYOND_MEMLOCK = 2100  # pages: more than the default RLIMIT_MEMLOCK (8 MiB, 2048 pages)
+CAPPED_SOCK = "/tmp/ptlab-capped.sock"  # a second agent daemon's, with a 64 KiB memlock limit
 
 
 @pytest.mark.parametrize("profile", ["x86_64", "arm64"])
@@ -280,7 +282,7 @@ def test_agent_holds_secretmem_beyond_the_memlock_default(profile, guest_pool, s
     daemon lifts its own limit (the kernel's /proc/PID/limits says so); it then holds more
     than 8 MiB, the pages gone from the direct map (QEMU's gva2gpa, in the kernel regime, of
     a sample of their direct-map VAs: unmapped; of the kernel root's: mapped), and it still
-    answers afterwards."""
+    answers afterwards. A page the kernel refuses is an error reply, not a dead daemon."""
     g = guest_pool.acquire(profile)
     daemon = g.agent("ping")["pid"]
     limits = g.ssh(f"cat /proc/{daemon}/limits")[1]
@@ -301,6 +303,16 @@ def test_agent_holds_secretmem_beyond_the_memlock_default(profile, guest_pool, s
         g.cont()
     assert g.agent("release", str(held["id"]))["released"] == [held["id"]]
     assert g.agent("ping")["pid"] == daemon
+    # a second daemon kept at 64 KiB (PTAGENT_MEMLOCK): the kernel refuses the 17th page; the
+    # reply says so, nothing is held, and that daemon still answers (it used to die of SIGBUS)
+    capped = f"PTAGENT_SOCK={CAPPED_SOCK}"
+    rc, out, err = g.ssh(f"{capped} PTAGENT_MEMLOCK=65536 /bin/ptagent serve -d")
+    assert rc == 0, (out, err)
+    rc, out, _ = g.ssh(f"{capped} /bin/ptagent secretmem 64")
+    assert rc == 1 and json.loads(out) == {
+        "error": "secretmem: the kernel refused page 16 of 64 (SIGBUS)", "errno": 14}, out
+    rc, out, _ = g.ssh(f"{capped} /bin/ptagent ping")
+    assert rc == 0 and json.loads(out)["objects"] == 0, out
 
 
 @pytest.mark.parametrize("profile", ["x86_64"])
