@@ -29,8 +29,10 @@ def _wait(pred, timeout: float) -> bool:
 def test_reaper_cleans_up_after_a_sigkilled_owner(tmp_path):
     """An owner process starts a reaper for its run directory and a process naming it, then
     dies by SIGKILL: the reaper kills that process and removes the directory. (The process is
-    a Python sleeper, not ``sh -c 'sleep 300'``: dash execs its last command, and ``sleep``'s
-    command line no longer names the directory.)"""
+    a Python sleeper that says when it runs: ``Popen`` returns once the exec closed its
+    close-on-exec pipe, which the kernel does before it sets up the new argv, so a /proc scan
+    right after ``Popen`` can see an empty command line; and dash execs ``sleep`` in
+    ``sh -c 'sleep 300'``, whose command line would not name the directory.)"""
     rundir = tmp_path / "ptlab-x"
     rundir.mkdir()
     code = (
@@ -39,16 +41,20 @@ def test_reaper_cleans_up_after_a_sigkilled_owner(tmp_path):
         "from ptharness import reaper\n"
         f"d = Path({str(rundir)!r})\n"
         "r = reaper.watch(d)\n"
-        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)',\n"
+        "p = subprocess.Popen([sys.executable, '-c',\n"
+        "                      'import time; print(flush=True); time.sleep(300)',\n"
         "                      str(d) + '/x'],\n"
-        "                     start_new_session=True)\n"
+        "                     stdout=subprocess.PIPE, start_new_session=True)\n"
+        "assert p.stdout.readline() == b'\\n', 'the sleeper did not start'\n"
         "print(p.pid, r.proc.pid, flush=True)\n"
         "time.sleep(300)\n"
     )
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert owner.stdout is not None
     sleeper, reaper_pid = map(int, owner.stdout.readline().split())
-    assert leaks.processes_naming(f"{rundir}/") and rundir.exists()
+    named = _wait(lambda: leaks.processes_naming(f"{rundir}/"), 10)
+    assert named, f"sleeper {sleeper}: argv {leaks.cmdline(sleeper)}, gone {leaks.exiting(sleeper)}"
+    assert rundir.exists()
     owner.kill()
     owner.wait()
     assert _wait(lambda: not rundir.exists(), 20), "run directory not removed"
