@@ -104,6 +104,19 @@ def sweep_stale_rundirs(base: str | None) -> list[Path]:
     return removed
 
 
+def boot_files(profile: Profile, image: Any) -> tuple[Path, Path | None]:
+    """(``-kernel`` file, ``-device loader`` ELF or None) of ``profile``'s entry into
+    ``image``'s kernel (see :attr:`Profile.entry`); an image without the entry's files boots
+    its packaged kernel."""
+    vmlinux = getattr(image, "vmlinux", None)
+    la57 = getattr(image, "la57_entry", None)
+    if profile.entry == "pvh" and vmlinux:
+        return Path(vmlinux), None
+    if profile.entry == "la57" and vmlinux and la57:
+        return Path(la57), Path(vmlinux)
+    return Path(image.kernel), None
+
+
 def free_port() -> int:
     """A currently free 127.0.0.1 TCP port (QEMU may still lose a race for it: retry)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -226,8 +239,7 @@ class Guest(RootsMixin, HotplugMixin):
 
             self.image = ensure_image(self.profile.arch)
         image = self.image
-        vmlinux = getattr(image, "vmlinux", None) if self.profile.pvh else None
-        kernel = Path(vmlinux) if vmlinux else Path(image.kernel)
+        kernel, loader = boot_files(self.profile, image)
         sweep_stale_rundirs(run_base())
         self._res.rundir = Path(tempfile.mkdtemp(prefix="ptlab-", dir=run_base()))
         os.chmod(self._res.rundir, 0o700)
@@ -238,7 +250,7 @@ class Guest(RootsMixin, HotplugMixin):
         self._key = key
         self._t0 = t0 = time.monotonic()
         deadline = t0 + self.boot_timeout
-        self._launch(paths, kernel, Path(image.initrd), key_param(pub), deadline)
+        self._launch(paths, kernel, loader, Path(image.initrd), key_param(pub), deadline)
         self.timings["qmp"] = time.monotonic() - t0
         self._map_backends()
         self._watch = threading.Thread(target=self._watchdog, name="ptlab-watchdog", daemon=True)
@@ -267,13 +279,14 @@ class Guest(RootsMixin, HotplugMixin):
         self._wait_mark("late_modules", deadline)  # normally long done by now
         self.timings["late_modules"] = self._marks["late_modules"]
 
-    def _launch(self, paths: RunPaths, kernel: Path, initrd: Path, key_b64: str,
-                deadline: float) -> None:
+    def _launch(self, paths: RunPaths, kernel: Path, loader: Path | None, initrd: Path,
+                key_b64: str, deadline: float) -> None:
         """Start QEMU and connect QMP; pick another SSH port if QEMU lost the port race."""
         for _attempt in range(PORT_ATTEMPTS):
             self.ssh_port = free_port()
             argv = qemu_command(
-                self.profile, kernel=kernel, initrd=initrd, paths=paths, ssh_port=self.ssh_port,
+                self.profile, kernel=kernel, initrd=initrd, paths=paths, loader=loader,
+                ssh_port=self.ssh_port,
                 key_b64=key_b64, mem_mb=self.mem_mb, hotplug=self.hotplug, smp=self.smp,
             )
             for dev in self.devices:

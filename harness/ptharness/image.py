@@ -29,6 +29,7 @@ from pathlib import Path
 from ptharness.image_cpio import NewcWriter
 from ptharness.image_debs import AptArch, Package, PackageError, extract, host_versions
 from ptharness.image_elf import ElfError, library_closure, vmlinux_from_bzimage
+from ptharness.image_entry import la57_entry_image
 from ptharness.image_modules import ModuleError, ModuleTree, read_ko, strip_signature
 from ptharness.profiles import KERNELS, get_kernel, select_profiles
 
@@ -49,6 +50,7 @@ class Image:
     arch: str              # "x86_64" | "arm64"
     kernel: Path           # bzImage / arm64 Image
     vmlinux: Path | None   # x86: decompressed ELF vmlinux with a PVH note, else None
+    la57_entry: Path | None  # x86: the vmlinux's 5-level entry (image_entry.py), else None
     initrd: Path           # newc initramfs
     host_key_pub: str      # "ssh-ed25519 AAAA..." (dropbear host key, OpenSSH format)
     kernel_version: str    # e.g. "6.1.0-56-amd64"
@@ -172,11 +174,12 @@ def _load(outdir: Path) -> Image | None:
     return Image(
         arch=d["arch"], kernel=outdir / d["kernel"],
         vmlinux=outdir / d["vmlinux"] if d["vmlinux"] else None,
+        la57_entry=outdir / d["la57_entry"] if d["la57_entry"] else None,
         initrd=outdir / d["initrd"], host_key_pub=d["host_key_pub"],
         kernel_version=d["kernel_version"], package_version=d["package_version"])
 
 
-_META_KEYS = ("arch", "kernel", "vmlinux", "initrd", "host_key_pub", "kernel_version",
+_META_KEYS = ("arch", "kernel", "vmlinux", "la57_entry", "initrd", "host_key_pub", "kernel_version",
               "package_version")
 
 
@@ -277,20 +280,26 @@ def _userland_root(inputs: _Inputs, apt: AptArch, progress: Progress) -> Path:
 
 def _kernel_files(tree: Path, kver: str, arch: str, progress: Progress) -> dict[str, Path]:
     """The boot files of one extracted kernel, prepared once per kernel package (kept in
-    its tree, hard-linked into each image): x86 bzImage + PVH vmlinux, arm64 raw Image."""
+    its tree, hard-linked into each image): x86 bzImage + PVH vmlinux + its 5-level entry,
+    arm64 raw Image."""
     vmlinuz = tree / "boot" / f"vmlinuz-{kver}"
     return _BOOT_FILES[RECIPES[arch].kernel_name](tree, vmlinuz, progress)
 
 
 def _bzimage_files(tree: Path, vmlinuz: Path, progress: Progress) -> dict[str, Path]:
-    """The bzImage as packaged, and the PVH-bootable vmlinux inside it."""
+    """The bzImage as packaged, the PVH-bootable vmlinux inside it and that vmlinux's
+    5-level entry (the bzImage's setup with :mod:`image_entry`'s payload)."""
     vmlinux = tree / "boot" / "ptlab-vmlinux"
     if not vmlinux.is_file():
         progress("kernel: extracting the PVH vmlinux from the bzImage")
         tmp = vmlinux.with_name(f"ptlab-vmlinux.tmp{os.getpid()}")
         tmp.write_bytes(vmlinux_from_bzimage(vmlinuz.read_bytes()))
         tmp.rename(vmlinux)
-    return {"bzImage": vmlinuz, "vmlinux": vmlinux}
+    entry = tree / "boot" / "ptlab-la57entry"  # made anew: ms, and it follows image_entry.py
+    tmp = entry.with_name(f"ptlab-la57entry.tmp{os.getpid()}")
+    tmp.write_bytes(la57_entry_image(vmlinuz.read_bytes(), vmlinux.read_bytes()))
+    tmp.rename(entry)
+    return {"bzImage": vmlinuz, "vmlinux": vmlinux, "la57entry": entry}
 
 
 def _image_files(tree: Path, vmlinuz: Path, progress: Progress) -> dict[str, Path]:
@@ -433,6 +442,7 @@ def _build(inputs: _Inputs, apt: AptArch, progress: Progress) -> Image:
         files = _kernel_files(tree, kver, arch, progress)
         kernel_name = recipe.kernel_name
         vmlinux_name = "vmlinux" if "vmlinux" in files else None
+        la57_name = "la57entry" if "la57entry" in files else None
         for name, src in files.items():
             _link_or_copy(src, tmp / name)
         shutil.copy(tree / "boot" / f"config-{kver}", tmp / "config")
@@ -443,6 +453,7 @@ def _build(inputs: _Inputs, apt: AptArch, progress: Progress) -> Image:
                           host_key=tmp / "host_key", kernel_tree=tree, kver=kver,
                           progress=progress)
         meta = {"arch": arch, "kernel": kernel_name, "vmlinux": vmlinux_name,
+                "la57_entry": la57_name,
                 "initrd": "initrd.img", "host_key_pub": pub, "kernel_version": kver,
                 "package_version": inputs.kernel.version, "kernel_package": inputs.kernel.name,
                 "userland": inputs.userland, "recipe": recipe_hash(arch),

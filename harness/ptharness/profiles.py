@@ -70,9 +70,11 @@ class Profile:
     levels: int  # paging levels the default kernel is expected to use
     kpti: bool = False  # kernel page-table isolation forced on
     cmdline: tuple[str, ...] = field(default=())  # profile-specific kernel parameters
-    # Boot the image's PVH vmlinux when it has one (x86: 2x faster, but the PVH entry skips
-    # the decompressor, so no KASLR and no switch to 5-level paging).
-    pvh: bool = True
+    # How an x86 kernel is entered (arm64 boots its Image): "pvh" = the image's vmlinux through
+    # its PVH note (no decompressor: 2x faster; no KASLR; never 5-level paging); "la57" = the
+    # vmlinux through ptlab's 5-level entry (image_entry.py: no decompressor, memory KASLR);
+    # "bzimage" = the packaged bzImage and its decompressor.
+    entry: str = "pvh"
     # (kernel series, levels) where a kernel's configuration uses other levels than `levels`
     levels_by_kernel: tuple[tuple[str, int], ...] = ()
 
@@ -100,7 +102,7 @@ PROFILES: dict[str, Profile] = {
     for p in (
         Profile("x86_64", "x86_64", "qemu-system-x86_64", "q35", "max,-la57", "ttyS0", 4),
         Profile("x86_64-la57", "x86_64", "qemu-system-x86_64", "q35", "max", "ttyS0", 5,
-                pvh=False),
+                entry="la57"),
         Profile(
             "x86_64-pti", "x86_64", "qemu-system-x86_64", "q35", "max,-la57", "ttyS0", 4,
             kpti=True, cmdline=("pti=on",),
@@ -223,6 +225,7 @@ def qemu_command(
     kernel: Path,
     initrd: Path,
     paths: RunPaths,
+    loader: Path | None = None,
     ssh_port: int,
     key_b64: str,
     mem_mb: int = 1024,
@@ -230,7 +233,9 @@ def qemu_command(
     smp: int = 1,
 ) -> list[str]:
     """argv of a TCG QEMU for ``profile``: shared-file RAM, QMP/gdbstub unix sockets in the
-    run directory, serial console to a file, SSH forwarded from 127.0.0.1:``ssh_port``."""
+    run directory, serial console to a file, SSH forwarded from 127.0.0.1:``ssh_port``;
+    ``loader``: an ELF whose segments QEMU places at their physical addresses (the vmlinux of
+    the "la57" entry)."""
     if mem_mb <= 0 or mem_mb % 2:
         raise ValueError(f"mem_mb must be a positive even number of MiB, not {mem_mb}")
     if not 0 < ssh_port < 65536:
@@ -258,6 +263,8 @@ def qemu_command(
         "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
         "-device", "virtio-net-pci,netdev=n0,romfile=",
     ]
+    if loader is not None:
+        argv += ["-device", f"loader,file={loader}"]
     if hotplug and board.hotplug == "virtio-mem":
         argv += [
             "-object",

@@ -62,7 +62,7 @@ def test_every_profile_common_settings(name):
 def test_profile_specifics():
     assert opt(argv_for("x86_64"), "-cpu") == ["max,-la57"]
     assert opt(argv_for("x86_64-la57"), "-cpu") == ["max"]
-    assert not get_profile("x86_64-la57").pvh  # PVH entry never enables 5-level paging
+    assert get_profile("x86_64-la57").entry == "la57"  # PVH entry never enables 5-level paging
     assert "pti=on" in opt(argv_for("x86_64-pti"), "-append")[0]
     assert opt(argv_for("arm64"), "-cpu") == ["max,pauth-impdef=on"]
     assert "kpti=1" in opt(argv_for("arm64-kpti"), "-append")[0]
