@@ -222,7 +222,7 @@ static void ssh_key(void)
 
 /* Start argv in a child; wait for it to exit when `wait` (daemons that fork into the
  * background return at once). Returns the exit status (wait) or the child's pid. */
-static int run(char *const argv[], int quiet, int wait)
+static int run_path(const char *path, char *const argv[], int quiet, int wait)
 {
     pid_t pid = fork();
     if (pid == 0) {
@@ -231,7 +231,7 @@ static int run(char *const argv[], int quiet, int wait)
             if (nul >= 0)
                 dup2(nul, 1);
         }
-        execv(argv[0], argv);
+        execv(path, argv);
         _exit(127);
     }
     if (pid < 0)
@@ -242,6 +242,11 @@ static int run(char *const argv[], int quiet, int wait)
     if (waitpid(pid, &status, 0) < 0)
         return -1;
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static int run(char *const argv[], int quiet, int wait)
+{
+    return run_path(argv[0], argv, quiet, wait);
 }
 
 /* Does a TCP socket listen on `port` (/proc/net/tcp{,6}: local address ends ":PORT", state
@@ -270,12 +275,15 @@ static int listening(unsigned port)
 }
 
 /* dropbear in the foreground as our child (no daemon fork), then wait until it listens:
- * PTLAB-READY promises an SSH server that accepts connections. */
+ * PTLAB-READY promises an SSH server that accepts connections. argv[0] is a bare name that
+ * does not open from our cwd (/): dropbear (2022.82 on) re-executes itself from argv[0] for
+ * every connection (ASLR; "-2 FD" in the child's argv) unless it cannot open that file, and the
+ * re-exec's dynamic linking costs a TCG guest ~0.1 s per SSH session; it then just forks. */
 static void sshd(void)
 {
-    char *dropbear[] = {"/usr/sbin/dropbear", "-F", "-r", "/etc/dropbear/host_key", "-p", "22",
+    char *dropbear[] = {"dropbear", "-F", "-r", "/etc/dropbear/host_key", "-p", "22",
                         "-s", "-P", "/run/dropbear/dropbear.pid", NULL};
-    pid_t pid = run(dropbear, 0, 0);
+    pid_t pid = run_path("/usr/sbin/dropbear", dropbear, 0, 0);
     if (pid < 0) {
         say("dropbear: fork: %s", strerror(errno));
         return;

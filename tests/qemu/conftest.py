@@ -480,9 +480,9 @@ SECOND_HALF = frozenset({"test_kernel_scenarios.py", "test_kernel_modules.py",
 # Seconds a work unit took (boots included; `make test-qemu ARCH=all`, two workers, load ~2),
 # for the heaviest-first order: pool units by profile and half, the others by file (and class).
 UNIT_WEIGHT = {
-    "pool:x86_64": 37, "pool:x86_64-la57": 28, "pool:x86_64-pti": 27, "pool:arm64": 22,
-    "pool:arm64-kpti": 21, "pool:x86_64-pti/b": 20,
-    "test_guest_lifecycle.py": 12, "test_cli_arm64_qemu.py": 9, "test_cli_live_qemu.py": 8,
+    "pool:x86_64": 34, "pool:x86_64-pti": 27, "pool:arm64": 23, "pool:x86_64-la57": 22,
+    "pool:arm64-kpti": 19, "pool:x86_64-pti/b": 17,
+    "test_guest_lifecycle.py": 12, "test_cli_arm64_qemu.py": 12, "test_cli_live_qemu.py": 8,
     "test_kernel_hotplug.py::TestArm64": 4, "test_kernel_hotplug.py::TestArm64Kpti": 4,
 }
 POOL_UNIT = "@pool:"  # nodeid suffix naming a test's pool work unit
