@@ -30,9 +30,8 @@ def test_reaper_cleans_up_after_a_sigkilled_owner(tmp_path):
     """An owner process starts a reaper for its run directory and a process naming it, then
     dies by SIGKILL: the reaper kills that process and removes the directory. (The process is
     a Python sleeper that says when it runs: ``Popen`` returns once the exec closed its
-    close-on-exec pipe, which the kernel does before it sets up the new argv, so a /proc scan
-    right after ``Popen`` can see an empty command line; and dash execs ``sleep`` in
-    ``sh -c 'sleep 300'``, whose command line would not name the directory.)"""
+    close-on-exec pipe, which the kernel does before the ELF loader sets up the new argv, so
+    a /proc scan right after ``Popen`` can see an empty command line.)"""
     rundir = tmp_path / "ptlab-x"
     rundir.mkdir()
     code = (
