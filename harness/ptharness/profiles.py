@@ -57,6 +57,9 @@ BOARDS: dict[str, Board] = {
 }
 
 
+ENTRIES = ("pvh", "la57", "bzimage")  # Profile.entry: how an x86 kernel is entered
+
+
 @dataclass(frozen=True)
 class Profile:
     """One bootable configuration of a guest."""
@@ -77,6 +80,10 @@ class Profile:
     entry: str = "pvh"
     # (kernel series, levels) where a kernel's configuration uses other levels than `levels`
     levels_by_kernel: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.entry not in ENTRIES:
+            raise ValueError(f"profile {self.name}: entry {self.entry!r} is not one of {ENTRIES}")
 
     def levels_on(self, kernel: str) -> int:
         """Paging levels the kernel of series ``kernel`` uses on this profile."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import shutil
@@ -67,6 +68,30 @@ def test_profile_specifics():
     assert opt(argv_for("arm64"), "-cpu") == ["max,pauth-impdef=on"]
     assert "kpti=1" in opt(argv_for("arm64-kpti"), "-append")[0]
     assert get_profile("arm64").ram_base == 0x4000_0000
+
+
+def test_boot_files_follow_the_profile_entry():
+    """PVH profiles boot the vmlinux; la57 boots its 5-level entry with the vmlinux placed by
+    QEMU's loader device; an image without those files (arm64) boots its packaged kernel."""
+    from types import SimpleNamespace
+
+    from ptharness.guest import boot_files
+
+    x86 = SimpleNamespace(kernel="/img/bzImage", vmlinux="/img/vmlinux",
+                          la57_entry="/img/la57entry")
+    arm = SimpleNamespace(kernel="/img/Image", vmlinux=None, la57_entry=None)
+    assert boot_files(get_profile("x86_64"), x86) == (Path("/img/vmlinux"), None)
+    assert boot_files(get_profile("x86_64-pti"), x86) == (Path("/img/vmlinux"), None)
+    assert boot_files(get_profile("x86_64-la57"), x86) == (
+        Path("/img/la57entry"), Path("/img/vmlinux"))
+    assert boot_files(get_profile("arm64"), arm) == (Path("/img/Image"), None)
+    bz = dataclasses.replace(get_profile("x86_64-la57"), entry="bzimage")
+    assert boot_files(bz, x86) == (Path("/img/bzImage"), None)
+    with pytest.raises(ValueError, match="entry 'pvhh'"):
+        dataclasses.replace(bz, entry="pvhh")
+    argv = argv_for("x86_64-la57", loader=Path("/img/vmlinux"))
+    assert opt(argv, "-kernel") == ["/k"] and "loader,file=/img/vmlinux" in opt(argv, "-device")
+    assert not any(a.startswith("loader,") for a in opt(argv_for("x86_64"), "-device"))
 
 
 def test_hotplug_geometry():
