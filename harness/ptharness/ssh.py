@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import select
 import socket
 import time
@@ -24,6 +25,17 @@ from collections.abc import Callable
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+
+class _LateChannelFilter(logging.Filter):
+    """Drop paramiko's warning about a channel the guest opened after our open of it timed
+    out (a stopped vCPU resumed): expected after such a timeout, which was reported already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Success for unrequested channel" not in record.getMessage()
+
+
+logging.getLogger("paramiko.transport").addFilter(_LateChannelFilter())
 
 
 class SshError(RuntimeError):
