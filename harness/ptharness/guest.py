@@ -470,16 +470,7 @@ class Guest(RootsMixin, HotplugMixin):
     # ----------------------------------------------------------------- QMP / HMP
     def qmp(self, cmd: str, **args: Any) -> Any:
         """Run a QMP command (``_`` in argument names become ``-``)."""
-        self._check_alive()
-        assert self._monitor is not None
-        try:
-            return self._monitor.cmd(cmd, **args)
-        except MonitorError:
-            proc = self._res.proc
-            if not self.alive or proc is None or proc.poll() is not None or exiting(proc.pid):
-                self._fail("QEMU exited")
-                raise self._error(f"QMP {cmd}: QEMU is gone") from None
-            raise
+        return self._monitor_call(f"QMP {cmd}", lambda m: m.cmd(cmd, **args))
 
     def hmp(self, cmd: str) -> str:
         """Run a human-monitor command, return its text."""
@@ -487,14 +478,20 @@ class Guest(RootsMixin, HotplugMixin):
 
     def hmp_many(self, cmds: list[str]) -> list[str]:
         """Run many HMP commands pipelined over QMP; their texts in order."""
+        return list(self._monitor_call("HMP commands", lambda m: m.hmp_many(cmds)))
+
+    def _monitor_call(self, what: str, call: Any) -> Any:
+        """``call(monitor)``; a monitor error from a QEMU that is gone or dying becomes the
+        guest's failure ("``what``: QEMU is gone"), any other is raised as it is."""
         self._check_alive()
         assert self._monitor is not None
         try:
-            return self._monitor.hmp_many(cmds)
+            return call(self._monitor)
         except MonitorError:
-            if self._res.proc is None or self._res.proc.poll() is not None:
+            proc = self._res.proc
+            if not self.alive or proc is None or proc.poll() is not None or exiting(proc.pid):
                 self._fail("QEMU exited")
-                raise self._error("HMP commands: QEMU is gone") from None
+                raise self._error(f"{what}: QEMU is gone") from None
             raise
 
     def stop(self) -> None:
