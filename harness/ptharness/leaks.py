@@ -66,18 +66,28 @@ def processes_naming(fragment: str) -> list[int]:
 
 def qemu_processes(fragment: str) -> list[int]:
     """QEMU processes whose command line names ``fragment`` (a run directory or its base)."""
-    return [p for p in processes_naming(fragment)
-            if os.path.basename((cmdline(p) or [""])[0]).startswith("qemu-system")]
+    return _qemus(processes_naming(fragment))
+
+
+def _qemus(pids: list[int]) -> list[int]:
+    return [p for p in pids if os.path.basename((cmdline(p) or [""])[0]).startswith("qemu-system")]
+
+
+def kill_quietly(pid: int | None, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``pid`` unless it is None or already gone."""
+    if pid is None:
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def kill_naming(rundir: Path) -> list[int]:
     """SIGKILL every process whose command line names ``rundir`` (the QEMU of a dead owner)."""
     pids = processes_naming(f"{rundir}/")
     for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_quietly(p)
     return pids
 
 
@@ -180,7 +190,7 @@ def leftovers(base: Path) -> Leftovers:
     """What is left of runs whose run directories lived under ``base``: QEMU processes naming
     it, run directories in it, and listening sockets in it or held by a process naming it."""
     naming = processes_naming(f"{base}/")
-    qemu = qemu_processes(f"{base}/")
+    qemu = _qemus(naming)
     socks = [s for s in listeners()
              if s.address.startswith(f"{base}/") or set(naming) & set(s.pids)]
     return Leftovers(qemu, [p for p in naming if p not in qemu], run_dirs(base), socks)

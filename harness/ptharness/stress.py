@@ -118,15 +118,6 @@ def console_reported(message: str, console: str) -> str | None:
     return f"console lines missing from the error: {missing}" if missing else None
 
 
-def _kill(pid: int | None, sig: int = signal.SIGKILL) -> None:
-    if pid is None:
-        return
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
 class Child:
     """A ``ptharness.stress_child`` and its event lines."""
 
@@ -207,7 +198,7 @@ def cycle_qemu(c: Cycle, rng: random.Random, profile: str, base: Path) -> None:
             child.seen.append(child.events.get())
         booted = any(e.get("event") == "ready" for e in child.seen)
         c.at_s = time.monotonic() - child.t0
-        _kill(qemu)
+        leaks.kill_quietly(qemu)
         console = _read(rundir / "serial.log") if rundir else ""
         if c.kind == "qemu@boot" and booted:
             c.notes.append("(the agent had answered already)")
@@ -307,7 +298,7 @@ def cycle_make(c: Cycle, rng: random.Random, profile: str, base: Path) -> None:
             time.sleep(rng.uniform(0, 2.0))
             worker = leaks.parent(qemus[0])
             c.at_s = time.monotonic() - t0
-            _kill(worker)
+            leaks.kill_quietly(worker)
             c.notes.append(f"worker {worker}")
         try:
             rc = make.wait(timeout=EXIT_S)
