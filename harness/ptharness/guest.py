@@ -634,13 +634,13 @@ class Guest(RootsMixin, HotplugMixin):
         # self.info still holds: same boot, same kernel as at the checkpoint
 
     # ----------------------------------------------------------------- SSH and agent
-    def ssh(self, cmd: str, timeout: float = 30) -> tuple[int, str, str]:
-        """(status, stdout, stderr) of a shell command in the guest."""
+    def ssh(self, cmd: str, timeout: float = 30, stdin: bytes = b"") -> tuple[int, str, str]:
+        """(status, stdout, stderr) of a shell command in the guest, fed ``stdin``."""
         self._check_alive()
         if self._session is None:
             raise self._error("no SSH session")
         try:
-            return self._session.run(cmd, timeout=timeout)
+            return self._session.run(cmd, timeout=timeout, stdin=stdin)
         except SshError as e:
             if self._dead is None:
                 time.sleep(0.2)  # a dying QEMU: let the watchdog name the cause

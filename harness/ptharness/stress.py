@@ -169,10 +169,13 @@ class Child:
 
 
 # ----------------------------------------------------------------------------- kill cycles
-def _check_clean(c: Cycle, base: Path, timeout: float = GONE_S) -> None:
-    """Fail ``c`` unless nothing of ``base``'s runs is left within ``timeout`` seconds."""
-    if not _wait(lambda: leaks.leftovers(base).total == 0, timeout, 0.05):
-        c.fail(f"left: {leaks.leftovers(base)}")
+def _check_clean(c: Cycle, base: Path, timeout: float = GONE_S, step: float = 0.05) -> bool:
+    """Fail ``c`` unless nothing of ``base``'s runs is left within ``timeout`` seconds (polled
+    every ``step``); whether it was clean."""
+    if _wait(lambda: leaks.leftovers(base).total == 0, timeout, step):
+        return True
+    c.fail(f"left after {timeout:g} s: {leaks.leftovers(base)}")
+    return False
 
 
 def cycle_qemu(c: Cycle, rng: random.Random, profile: str, base: Path) -> None:
@@ -248,9 +251,7 @@ def cycle_owner(c: Cycle, rng: random.Random, profile: str, base: Path) -> None:
         child.proc.kill()
         child.proc.wait()
         t = time.monotonic()
-        if not _wait(lambda: leaks.leftovers(base).total == 0, GONE_S, 0.02):
-            c.fail(f"after {GONE_S} s: {leaks.leftovers(base)}")
-        else:
+        if _check_clean(c, base, step=0.02):
             c.notes.append(f"all gone in {time.monotonic() - t:.2f} s")
     finally:
         if child.proc.poll() is None:
@@ -381,7 +382,7 @@ def agent_errors(g: Guest, n: int, rng: random.Random,
     for first in range(0, len(cases), BATCH):
         batch = cases[first:first + BATCH]
         script = agent_fuzz.script(batch, first)
-        _, out, _ = _run_script(g, script)
+        _, out, _ = g.ssh("sh -s", timeout=300, stdin=script.encode("latin-1"))  # no argv limit
         outcomes += agent_fuzz.parse_batch(batch, first, out)
     time.sleep(max(0.0, 6.5 - (time.monotonic() - t_stall)))
     stall = agent_fuzz.stall_cases(stalled)
@@ -397,16 +398,6 @@ def agent_errors(g: Guest, n: int, rng: random.Random,
     detail = (f"daemon pid {before['pid']} -> {after['pid']}, objects {before['objects']} -> "
               f"{after['objects']}")
     return AgentRun(outcomes, same, detail)
-
-
-def _run_script(g: Guest, script: str) -> tuple[int, str, str]:
-    """Run a shell script given on stdin (no command-line length limit)."""
-    g._check_alive()
-    assert g._session is not None
-    try:
-        return g._session.run("sh -s", timeout=300, stdin=script.encode("latin-1"))
-    except Exception as e:  # noqa: BLE001 - reported as the batch's outcome
-        raise GuestError(f"agent batch: {e}") from None
 
 
 # ----------------------------------------------------------------------------- detection
@@ -522,6 +513,19 @@ def _private_base() -> Path:
     return base
 
 
+def finish_base(base: Path) -> leaks.Leftovers:
+    """What the runs under ``base`` left (after GONE_S for PDEATHSIG and the reapers to act);
+    the base's own files (logs) are removed, and the base itself when nothing is left."""
+    _wait(lambda: leaks.leftovers(base).total == 0, GONE_S, 0.05)
+    left = leaks.leftovers(base)
+    for f in base.iterdir() if base.exists() else ():
+        if not f.name.startswith("ptlab-"):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    if left.total == 0:
+        shutil.rmtree(base, ignore_errors=True)
+    return left
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ptharness.stress", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -579,19 +583,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stress: error: {e}", flush=True)
         ok = False
     finally:
-        # PDEATHSIG and the reapers act asynchronously: give them GONE_S, then inventory
-        _wait(lambda: leaks.leftovers(base).total == 0, GONE_S, 0.05)
-        left = leaks.leftovers(base)
-        swept = sweep_stale_rundirs(str(base))  # what "the next run" would do
-        if swept:
-            print(f"stress: the next run would sweep {len(swept)} run directories")
-        for f in base.iterdir() if base.exists() else ():
-            if not f.name.startswith("ptlab-"):
-                shutil.rmtree(f) if f.is_dir() else f.unlink()
-        if left.total == 0:
-            shutil.rmtree(base, ignore_errors=True)
-        else:
+        left = finish_base(base)
+        if left.total:
             print(f"stress: left behind: {left}", flush=True)
+            swept = sweep_stale_rundirs(str(base))  # what "the next run" would do
+            if swept:
+                print(f"stress: the next run would sweep {len(swept)} run directories")
     clean = sum(c.clean for c in cycles)
     a_clean = agent.clean if agent and agent.ping_after else 0
     print(f"stress: {time.monotonic() - t0:.0f} s")

@@ -19,12 +19,7 @@ def base(monkeypatch):
     d = Path(stress._private_base())
     monkeypatch.setenv("PTLAB_RUNDIR", str(d))
     yield d
-    left = leaks.leftovers(d)
-    for f in d.iterdir():
-        if not f.name.startswith("ptlab-"):
-            f.unlink()
-    if left.total == 0:
-        d.rmdir()
+    left = stress.finish_base(d)
     assert left.total == 0, f"left behind: {left}"
 
 
