@@ -46,6 +46,7 @@ from .profiles import (
     Profile,
     RunPaths,
     get_profile,
+    kernel_series,
     qemu_command,
 )
 from .qmp import Monitor, MonitorError, parse_mtree_ram
@@ -222,6 +223,13 @@ class Guest(RootsMixin, HotplugMixin):
     @property
     def pid(self) -> int | None:
         return self._res.proc.pid if self._res.proc else None
+
+    @property
+    def kernel_series(self) -> str:
+        """The series ("6.1", "6.12") of the kernel this guest's image boots."""
+        if self.image is None:
+            raise GuestError("guest not started")
+        return kernel_series(self.image.kernel_version)
 
     def start(self) -> None:
         """Boot and wait until the agent answers (GuestError on any failure)."""

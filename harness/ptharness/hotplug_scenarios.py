@@ -27,7 +27,6 @@ from .kernel_compare import (
     walk_runs,
 )
 from .kernel_scenarios import Target, new_tables
-from .profiles import kernel_series
 from .scenarios import ScenarioError
 
 BLOCK = 128 << 20  # memory_block_size_bytes() of these guests (x86 and arm64, 1G RAM)
@@ -238,7 +237,7 @@ def arm64_virtio_mem(t: Target, size_mb: int = 256) -> list[Step]:
                                  blocks=_blocks(real, vmemmap, start, end),
                                  vmemmap_prot=arm64_vmemmap_prot(
                                      g.profile.kpti,
-                                     kernel_series(g.image.kernel_version) != "6.1"))
+                                     g.kernel_series != "6.1"))
     steps = [Step(f"virtio-mem plug {size_mb}M",
                   *_compare(t, "virtio-mem plug", win, pt.mem, added, real, vmemmap, start, end),
                   cost, new_tables(before, added), {"start": start, "vmemmap": vmemmap})]

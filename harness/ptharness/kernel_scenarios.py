@@ -32,7 +32,6 @@ from .kernel_compare import (
     model_table,
     walk_runs,
 )
-from .profiles import kernel_series
 from .scenarios import ScenarioError
 
 X86_CR3_PGD_MASK = 0x000F_FFFF_FFFF_F000  # CR3 without the PCID (bits 11:0)
@@ -448,7 +447,7 @@ def _boot_arm64(t: Target, pt: PageTable, ram: list[tuple[int, int]]) -> None:
                    for va in (syms["_stext"], syms["__init_begin"] - 1))
     if first is None or last is None:
         raise ValueError(f"kernel image not mapped at {syms}")
-    if kernel_series(t.g.image.kernel_version) != "6.1":
+    if t.g.kernel_series != "6.1":
         # map_mem's image alias starts at __pa_symbol(_text) in 6.12 (at _stext in 6.1;
         # arch/arm64/mm/mmu.c map_mem, mark_linear_text_alias_ro); _text's page itself is
         # not in the kernel mapping, so its PA is _stext's minus the distance

@@ -38,7 +38,6 @@ from .kernel_compare import (
 )
 from .kernel_scenarios import Outcome, Target
 from .module_init_watch import init_layout, watch_free_init
-from .profiles import kernel_series
 
 Layout = CoreLayout | ModuleMemory  # 6.1: one core layout; 6.12: one area per memory type
 
@@ -127,7 +126,7 @@ def layout(t: Target, sections: dict[str, int], coresize: int, runs: list[Run]) 
     """The module's core as the running kernel's series lays it out: 6.1 one core layout
     from the sections and coresize; 6.12 one area per memory type, each the mapped run of
     the modules area (``runs``, walked while the core is mapped) around its sections."""
-    if kernel_series(t.g.image.kernel_version) == "6.1":
+    if t.g.kernel_series == "6.1":
         return CoreLayout.of(sections, coresize)
 
     def mapped(va: int) -> bool:
@@ -275,7 +274,7 @@ def _init_freed(t: Target, name: str) -> bool:
     _, mods, _ = t.g.ssh("cat /proc/modules")
     _, info, _ = t.g.ssh("cat /proc/vmallocinfo")
     areas = [ln for ln in info.splitlines() if " load_module+" in ln]
-    if kernel_series(t.g.image.kernel_version) == "6.1":
+    if t.g.kernel_series == "6.1":
         return state.strip() == "live" and len(areas) == len(mods.splitlines())
     # 6.12: a module has one area per non-empty memory type; wait for the pages of its
     # .init* sections (MOD_INIT_*; module_init_layout_section) to be unmapped instead

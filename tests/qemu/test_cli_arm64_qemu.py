@@ -50,7 +50,6 @@ from cli_helpers import (
 )
 from ptharness import oracle, scenarios
 from ptharness.guest import Guest
-from ptharness.profiles import kernel_series
 from ptlab.memory import ElfCore
 from ptlab.memory.kdump import KdumpCompressed
 from ptlab.walk import Walker, translate
@@ -84,7 +83,7 @@ def arm(tmp_path_factory: pytest.TempPathFactory, rng_factory: Any) -> Any:
             canary = g.agent("canary")  # held by the agent daemon until the guest goes
             root, fmt = g.kernel_root(), g.kernel_format()
             # Debian's 6.1: 48-bit VA, 4 levels; 6.12: ARM64_VA_BITS_52 + LPA2, 5 levels
-            series = kernel_series(g.image.kernel_version)
+            series = g.kernel_series
             levels = g.profile.levels_on(series)
             assert fmt.name == {4: "arm64-4k-48", 5: "arm64-4k-52"}[levels], fmt.name
             regs = scenarios.stop_where(g, lambda r: scenarios.in_kernel_regime(g, r, root),

@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_cleaned
 from ptharness import oracle, scenarios
 from ptharness.guest import Guest, GuestError
-from ptharness.profiles import PROFILES, kernel_series
+from ptharness.profiles import PROFILES
 from ptlab.arch import arm64 as arm64_arch
 
 pytestmark = pytest.mark.qemu
@@ -185,7 +185,7 @@ def test_kernel_root_has_witnesses(profile, seeded_rng, guest_pool):
     assert vi.osrelease == g.image.kernel_version
     root = g.kernel_root()
     fmt = g.kernel_format()
-    levels = p.levels_on(kernel_series(g.image.kernel_version))
+    levels = p.levels_on(g.kernel_series)
     assert fmt.levels == levels, f"{profile}: {fmt.levels}-level, expected {levels}"
     if p.arch == "x86_64":
         # /proc/kallsyms as the agent read it (test_boot_and_agent_info checks the agent's
