@@ -91,7 +91,7 @@ def page_kernel(t: Target) -> Attrs:
 def arm64_config(t: Target) -> Arm64Config | None:
     """arm64: rodata=full (Debian's default) and whether the CPU and kernel use BTI
     (PTE_GP on the kernel's own text, ``_stext``); None elsewhere."""
-    if t.fmt.arch not in _ARM64_ARCHES:
+    if t.fmt.arch != "arm64":
         return None
     from ptlab.walk import translate
 
@@ -101,9 +101,6 @@ def arm64_config(t: Target) -> Arm64Config | None:
     t.stop()
     raw = translate(t.fmt, t.g.memory, t.root, stext).steps[-1].raw
     return Arm64Config(bti=bool(raw >> 50 & 1))
-
-
-_ARM64_ARCHES = {"arm64"}
 
 
 def sysfs(t: Target, name: str) -> tuple[dict[str, int], int]:
@@ -129,9 +126,7 @@ def layout(t: Target, sections: dict[str, int], coresize: int, runs: list[Run]) 
     if t.g.kernel_series == "6.1":
         return CoreLayout.of(sections, coresize)
 
-    def mapped(va: int) -> bool:
-        return any(r.va <= va < r.end and r.attrs.present for r in runs)
-    return ModuleMemory.of(sections, coresize, mapped)
+    return ModuleMemory.of(sections, coresize, lambda va: _mapped_pa(runs, va) is not None)
 
 
 def ko_path(t: Target, name: str) -> str:
@@ -178,7 +173,7 @@ def _compare(t: Target, scenario: str, pt: Any, real: TableSnapshot,
     vm = compare_runs(f"vmalloc {scenario}", walk_runs(t.fmt, pt.mem, t.root, lo, hi),
                       real_area)
     compare_entries(vm, t.fmt, pt.mem, t.root, real, t.root, [*core, *lay.guards])
-    spans = [(a, b) for a, b in _spans(core)]
+    spans = _spans(core)
     sm = compare_runs(f"set_memory {scenario}",  # runs in VA order: direct map, then core
                       walk_runs(t.fmt, pt.mem, t.root, *t.span)
                       + [r for s in spans for r in walk_runs(t.fmt, pt.mem, t.root, *s)],
@@ -189,6 +184,12 @@ def _compare(t: Target, scenario: str, pt: Any, real: TableSnapshot,
     return Outcome(vm, tables=tables, model_seconds=seconds,
                    extra={"layout": lay, "aliases": aliases,
                           "set_memory": Outcome(sm, tables=tables, model_seconds=seconds)})
+
+
+def _mapped_pa(runs: list[Run], va: int) -> int | None:
+    """The PA ``va`` maps to in ``runs`` (present ones), or None."""
+    r = next((r for r in runs if r.va <= va < r.end and r.attrs.present), None)
+    return None if r is None else r.pa + (va - r.va)
 
 
 def _spans(pages: list[int]) -> list[tuple[int, int]]:
@@ -208,8 +209,7 @@ def rmmod(t: Target, name: str) -> Outcome:
     sections, coresize = sysfs(t, name)
     before, before_area, _ = _snapshot(t)
     lay = layout(t, sections, coresize, before_area)
-    pas = [r.pa + (va - r.va) for va in lay.pages()
-           for r in before_area if r.va <= va < r.end and r.attrs.present]
+    pas = [pa for va in lay.pages() if (pa := _mapped_pa(before_area, va)) is not None]
     t.resume()
     t.g.agent("rmmod", name)
     after, after_area, after_dmap = _snapshot(t)
@@ -244,10 +244,10 @@ def insmod(t: Target, name: str, path: str, settle_s: float = 30.0) -> Outcome:
     pt = model_table(t.fmt, before, t.root)
 
     def pa_of(va: int) -> int:
-        r = [x for x in after_area if x.va <= va < x.va + x.size and x.attrs.present]
-        if not r:
+        pa = _mapped_pa(after_area, va)
+        if pa is None:
             raise ValueError(f"{name}: core page {va:#x} not mapped by the kernel")
-        return r[0].pa + (va - r[0].va)
+        return pa
 
     alias = alias_of(t)
     if isinstance(lay, CoreLayout):
