@@ -4,9 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Selection: ARCH=x86_64|arm64|all, PROFILE=name[,name...] (ptharness.profiles.PROFILES),
-# KERNEL=<series> (ptharness.profiles.KERNELS; empty: the default).
-ARCH ?= x86_64
+# KERNEL=<series> (ptharness.profiles.KERNELS; empty: the default). ARCH and PROFILE
+# intersect; with PROFILE given and no ARCH, ARCH is all (PROFILE=arm64 alone works).
 PROFILE ?=
+ifneq ($(PROFILE),)
+ARCH ?= all
+else
+ARCH ?= x86_64
+endif
 KERNEL ?=
 JOBS ?= auto
 PYTEST_ARGS ?=

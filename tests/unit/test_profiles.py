@@ -256,3 +256,18 @@ def test_failing_qemu_test_leaves_console_qmp_and_report(tmp_path: Path):
     assert '"execute": "stop"' in (guest_dir / "qmp.log").read_text()
     assert sorted(p.name for p in art.iterdir()) == ["junit.xml", folder.parent.name]
     assert 'failures="1"' in (art / "junit.xml").read_text()
+
+
+@pytest.mark.parametrize("args, arch", [
+    ([], "x86_64"),  # the main job
+    (["PROFILE=arm64"], "all"),  # a profile alone is not filtered by the default ARCH
+    (["PROFILE=x86_64,arm64-kpti"], "all"),
+    (["PROFILE=arm64", "ARCH=x86_64"], "x86_64"),  # explicit: they intersect (an error)
+    (["ARCH=arm64"], "arm64"),
+])
+def test_make_selection_defaults(args, arch):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "-n", "-C", str(REPO), "test-qemu", *args],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"PTLAB_ARCH={arch} " in out, out[-400:]
