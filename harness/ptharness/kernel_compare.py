@@ -160,6 +160,12 @@ class Comparison:
         return "\n".join(lines)
 
 
+def mapped_pa(runs: Sequence[Run], va: int) -> int | None:
+    """The PA ``va`` maps to in ``runs`` (present runs only), or None."""
+    r = next((r for r in runs if r.va <= va < r.end and r.attrs.present), None)
+    return None if r is None else r.pa + (va - r.va)
+
+
 def compare_runs(scenario: str, model: Sequence[Run], real: Sequence[Run]) -> Comparison:
     """Page for page over every VA either run list covers: same PA, page size and attrs
     (the runs come from :func:`walk_runs`, sorted and disjoint: accessed/dirty already

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ptlab.kernel.modules import ModuleLayoutError, mapped_area
 from ptlab.walk import Run
 
-from .kernel_compare import PAGE, walk_runs
+from .kernel_compare import PAGE, mapped_pa, walk_runs
 
 if TYPE_CHECKING:
     from .kernel_scenarios import Target
@@ -86,7 +86,7 @@ def init_layout(sections: dict[str, int], in_core: Callable[[int], bool], runs: 
     the mapped run around its sections, up to the vmalloc guard page (6.1: one init layout;
     6.12: MOD_INIT_TEXT, MOD_INIT_DATA, MOD_INIT_RODATA each in its own area)."""
     def mapped(va: int) -> bool:
-        return any(x.va <= va < x.end and x.attrs.present for x in runs)
+        return mapped_pa(runs, va) is not None
 
     init = sorted(a for a in sections.values() if not in_core(a))
     out: list[tuple[int, list[int]]] = []
@@ -97,9 +97,6 @@ def init_layout(sections: dict[str, int], in_core: Callable[[int], bool], runs: 
             lo, hi = mapped_area(a, mapped)
         except ModuleLayoutError:
             raise ValueError(f"init section at {a:#x} not mapped at do_free_init") from None
-        pas = []
-        for va in range(lo, hi, PAGE):
-            r = next(x for x in runs if x.va <= va < x.end and x.attrs.present)
-            pas.append(r.pa + (va - r.va))
-        out.append((lo, pas))
+        pas = [pa for va in range(lo, hi, PAGE) if (pa := mapped_pa(runs, va)) is not None]
+        out.append((lo, pas))  # (mapped_area ends where a page is not mapped: all are)
     return out

@@ -33,6 +33,7 @@ from .kernel_compare import (
     TableSnapshot,
     compare_entries,
     compare_runs,
+    mapped_pa,
     model_table,
     walk_runs,
 )
@@ -126,7 +127,7 @@ def layout(t: Target, sections: dict[str, int], coresize: int, runs: list[Run]) 
     if t.g.kernel_series == "6.1":
         return CoreLayout.of(sections, coresize)
 
-    return ModuleMemory.of(sections, coresize, lambda va: _mapped_pa(runs, va) is not None)
+    return ModuleMemory.of(sections, coresize, lambda va: mapped_pa(runs, va) is not None)
 
 
 def ko_path(t: Target, name: str) -> str:
@@ -186,12 +187,6 @@ def _compare(t: Target, scenario: str, pt: Any, real: TableSnapshot,
                           "set_memory": Outcome(sm, tables=tables, model_seconds=seconds)})
 
 
-def _mapped_pa(runs: list[Run], va: int) -> int | None:
-    """The PA ``va`` maps to in ``runs`` (present ones), or None."""
-    r = next((r for r in runs if r.va <= va < r.end and r.attrs.present), None)
-    return None if r is None else r.pa + (va - r.va)
-
-
 def _spans(pages: list[int]) -> list[tuple[int, int]]:
     """Sorted pages as [start, end) spans of adjacent pages."""
     out: list[tuple[int, int]] = []
@@ -209,7 +204,7 @@ def rmmod(t: Target, name: str) -> Outcome:
     sections, coresize = sysfs(t, name)
     before, before_area, _ = _snapshot(t)
     lay = layout(t, sections, coresize, before_area)
-    pas = [pa for va in lay.pages() if (pa := _mapped_pa(before_area, va)) is not None]
+    pas = [pa for va in lay.pages() if (pa := mapped_pa(before_area, va)) is not None]
     t.resume()
     t.g.agent("rmmod", name)
     after, after_area, after_dmap = _snapshot(t)
@@ -244,7 +239,7 @@ def insmod(t: Target, name: str, path: str, settle_s: float = 30.0) -> Outcome:
     pt = model_table(t.fmt, before, t.root)
 
     def pa_of(va: int) -> int:
-        pa = _mapped_pa(after_area, va)
+        pa = mapped_pa(after_area, va)
         if pa is None:
             raise ValueError(f"{name}: core page {va:#x} not mapped by the kernel")
         return pa
