@@ -322,7 +322,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             profile = profile_of(item)
             if profile is not None and uses_pool(item):
                 half = "/b" if profile in SPLIT and item.path.name in SECOND_HALF else ""
-                _rename(item, f"{item.nodeid}{POOL_UNIT}{profile}{half}")
+                _rename(item, pool_nodeid(item.nodeid, f"{profile}{half}"))
+
+
+def pool_nodeid(nodeid: str, unit: str) -> str:
+    """``nodeid`` tagged with its pool work unit: ``test@pool:UNIT``, or inside the params
+    bracket ``test[p@pool:UNIT]`` (pytest 9 parses a node id's params up to its last "]": a
+    tag after the bracket came back in reports as ``test[p]@pool:UNIT]``)."""
+    tag = f"{POOL_UNIT}{unit}"
+    return f"{nodeid[:-1]}{tag}]" if nodeid.endswith("]") else nodeid + tag
+
+
+def pool_unit(nodeid: str) -> str | None:
+    """The ``pool:UNIT`` scope a :func:`pool_nodeid` names, None for other node ids."""
+    at = nodeid.rfind(POOL_UNIT)
+    return nodeid[at + 1:].removesuffix("]") if at >= 0 else None
 
 
 def _rename(item: pytest.Item, nodeid: str) -> None:
@@ -499,8 +513,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     class PoolScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            at = nodeid.rfind(POOL_UNIT)
-            return nodeid[at + 1 :] if at >= 0 else super()._split_scope(nodeid)
+            return pool_unit(nodeid) or super()._split_scope(nodeid)
 
         def _assign_work_unit(self, node: Any) -> None:
             def rank(scope: str) -> tuple[int, int]:

@@ -271,3 +271,31 @@ def test_make_selection_defaults(args, arch):
     out = subprocess.run(["make", "-n", "-C", str(REPO), "test-qemu", *args],
                          capture_output=True, text=True, check=True).stdout
     assert f"PTLAB_ARCH={arch} " in out, out[-400:]
+
+
+def _qemu_conftest():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qemu_conftest",
+                                                  REPO / "tests" / "qemu" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("nodeid", [
+    "tests/qemu/test_real_tables.py::TestX86_64::test_gva2gpa_agrees",
+    "tests/qemu/test_kernel_modules.py::TestArm64::test_rmmod_errors[a/b-22]",
+])
+def test_pool_nodeid_survives_pytest_reparsing(nodeid):
+    """The pool unit's tag keeps a node id well formed: pytest 9 rebuilds ids from their parts
+    (NodeId without its string cache) and gets the same string; the scheduler finds the unit."""
+    from _pytest.nodeid import NodeId
+
+    c = _qemu_conftest()
+    tagged = c.pool_nodeid(nodeid, "x86_64-pti/b")
+    parsed = NodeId.parse(tagged)
+    rebuilt = NodeId(path=parsed.path, names=parsed.names, params=parsed.params)
+    assert str(rebuilt) == tagged
+    assert c.pool_unit(tagged) == "pool:x86_64-pti/b" and c.pool_unit(nodeid) is None
