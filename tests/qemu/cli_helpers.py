@@ -47,6 +47,16 @@ def json_runs(text: str) -> list[dict[str, Any]]:
     return objs[:-1]
 
 
+def disasm_stext(dump: Path, stext: int, n: int) -> tuple[list[dict[str, Any]], bytes]:
+    """``ptlab disasm _stext N --json`` over ``dump``: the instruction objects (checked: N of
+    them from _stext, read-only kernel executable) and their bytes joined."""
+    code, out = cli("--dump", str(dump), "disasm", hex(stext), str(n), "--json")
+    insns = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(insns) == n and insns[0]["va"] == hex(stext)
+    assert insns[0]["attrs"].startswith("ro kern x")
+    return insns, bytes.fromhex("".join(i["bytes"] for i in insns))
+
+
 def harness_walk(g: Guest, root: int, start: int | None) -> list[dict[str, Any]]:
     """The harness's walk of ``root`` over the guest's shared RAM, as ``walk --json`` objects."""
     fmt, mem = g.kernel_format(), g.memory

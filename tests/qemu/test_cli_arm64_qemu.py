@@ -41,6 +41,7 @@ from cli_helpers import (
     check_map,
     check_walk_resumes,
     cli,
+    disasm_stext,
     elf_file_offset,
     harness_walk,
     json_runs,
@@ -232,12 +233,8 @@ def test_search_finds_agent_canary(arm: Any) -> None:
 
 def test_disasm_stext_matches_kcore(arm: Any) -> None:
     stext = arm["syms"]["_stext"]
-    code, out = cli("--dump", str(arm["path"]), "disasm", hex(stext), "16", "--json")
-    insns = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and len(insns) == 16 and insns[0]["va"] == hex(stext)
-    assert insns[0]["attrs"].startswith("ro kern x")
+    insns, got = disasm_stext(arm["path"], stext, 16)
     assert [int(i["va"], 16) for i in insns] == [stext + 4 * k for k in range(16)]
-    got = bytes.fromhex("".join(i["bytes"] for i in insns))
     assert got == arm["stext_bytes"], (got.hex(), arm["stext_bytes"].hex())
 
 

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import check_map, cli, elf_file_offset, patch_u64s, planted_copy
+from cli_helpers import (
+    check_map,
+    cli,
+    disasm_stext,
+    elf_file_offset,
+    patch_u64s,
+    planted_copy,
+)
 from conftest import ram_dir
 from ptharness import oracle
 from ptharness.agent_reply import kallsyms
@@ -237,11 +244,7 @@ def test_kdump_same_as_elf(dumped: Any, argv: tuple[str, ...]) -> None:
 def test_disasm_stext_matches_qemu(dumped: Any) -> None:
     stext = dumped["syms"]["_stext"]
     # 24: Linux 6.12 x86 starts _stext with 16 one-byte NOPs (CALL_PADDING before a function)
-    code, out = cli("--dump", str(dumped["path"]), "disasm", hex(stext), "24", "--json")
-    insns = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and len(insns) == 24 and insns[0]["va"] == hex(stext)
-    assert insns[0]["attrs"].startswith("ro kern x")
-    got = bytes.fromhex("".join(i["bytes"] for i in insns))
+    insns, got = disasm_stext(dumped["path"], stext, 24)
     n = min(len(got), len(dumped["stext_bytes"]))
     assert len(got) >= 24 and got[:n] == dumped["stext_bytes"][:n], (got.hex(), insns)
 
