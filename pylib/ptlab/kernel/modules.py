@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ..engine import PageTable
 from ..formats.base import Attrs
@@ -147,12 +146,14 @@ def load(pt: PageTable, lay: CoreLayout, pa_of: Callable[[int], int],
     for va in range(lay.base, lay.end, PAGE):
         pt.map(va, pa_of(va), PAGE, page_kernel, page_sizes=[PAGE])
         n += 1
-    kw: dict[str, Any] = {"arm64": arm64} if arm64 is not None else {}
-    akw = {**kw, "alias": alias, "area": (lay.base, lay.end)} if alias is not None else kw
-    set_memory(pt, "ro", lay.base, _pages(lay.base, lay.ro_after_init), **akw)  # text, rodata
-    set_memory(pt, "nx", lay.ro, _pages(lay.ro, lay.end), **kw)
-    set_memory(pt, "x", lay.base, _pages(lay.base, lay.ro), **kw)
-    set_memory(pt, "ro", lay.ro_after_init, _pages(lay.ro_after_init, lay.data), **akw)
+    def change(what: str, lo: int, hi: int) -> None:  # (the alias only follows ro / rw)
+        set_memory(pt, what, lo, _pages(lo, hi), arm64=arm64, alias=alias,
+                   area=(lay.base, lay.end))
+
+    change("ro", lay.base, lay.ro_after_init)  # text, rodata
+    change("nx", lay.ro, lay.end)
+    change("x", lay.base, lay.ro)
+    change("ro", lay.ro_after_init, lay.data)
     return n
 
 
@@ -317,13 +318,10 @@ def load_areas(pt: PageTable, mm: ModuleMemory, pa_of: Callable[[int], int],
         for va in range(a.base, a.end, PAGE):
             pt.map(va, pa_of(va), PAGE, page_kernel, page_sizes=[PAGE])
             n += 1
-    kw: dict[str, Any] = {"arm64": arm64} if arm64 is not None else {}
-
-    def change(what: str, a: Area | None) -> None:
-        if a is None:
-            return
-        akw = {**kw, "alias": alias, "area": (a.base, a.end)} if alias is not None else kw
-        set_memory(pt, what, a.base, _pages(a.base, a.end), **(akw if what == "ro" else kw))
+    def change(what: str, a: Area | None) -> None:  # (the alias only follows ro / rw)
+        if a is not None:
+            set_memory(pt, what, a.base, _pages(a.base, a.end), arm64=arm64, alias=alias,
+                       area=(a.base, a.end))
 
     change("ro", mm.area(MOD_RODATA))
     for kind in (MOD_DATA, MOD_RODATA, MOD_RO_AFTER_INIT):
