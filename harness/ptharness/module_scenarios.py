@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from ptlab.formats.base import Attrs
+from ptlab.kernel.cpa import page_runs
 from ptlab.kernel.modules import (
     CoreLayout,
     ModuleMemory,
@@ -29,7 +30,6 @@ from ptlab.kernel.set_direct_map import Alias, Arm64Config
 from ptlab.walk import Run
 
 from .kernel_compare import (
-    PAGE,
     TableSnapshot,
     compare_entries,
     compare_runs,
@@ -174,7 +174,7 @@ def _compare(t: Target, scenario: str, pt: Any, real: TableSnapshot,
     vm = compare_runs(f"vmalloc {scenario}", walk_runs(t.fmt, pt.mem, t.root, lo, hi),
                       real_area)
     compare_entries(vm, t.fmt, pt.mem, t.root, real, t.root, [*core, *lay.guards])
-    spans = _spans(core)
+    spans = page_runs(core)
     sm = compare_runs(f"set_memory {scenario}",  # runs in VA order: direct map, then core
                       walk_runs(t.fmt, pt.mem, t.root, *t.span)
                       + [r for s in spans for r in walk_runs(t.fmt, pt.mem, t.root, *s)],
@@ -185,17 +185,6 @@ def _compare(t: Target, scenario: str, pt: Any, real: TableSnapshot,
     return Outcome(vm, tables=tables, model_seconds=seconds,
                    extra={"layout": lay, "aliases": aliases,
                           "set_memory": Outcome(sm, tables=tables, model_seconds=seconds)})
-
-
-def _spans(pages: list[int]) -> list[tuple[int, int]]:
-    """Sorted pages as [start, end) spans of adjacent pages."""
-    out: list[tuple[int, int]] = []
-    for va in sorted(pages):
-        if out and out[-1][1] == va:
-            out[-1] = (out[-1][0], va + PAGE)
-        else:
-            out.append((va, va + PAGE))
-    return out
 
 
 def rmmod(t: Target, name: str) -> Outcome:

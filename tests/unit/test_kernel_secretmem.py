@@ -123,3 +123,11 @@ def test_fused_batch_equals_the_per_page_calls_clustered_and_with_holes(arch: st
     assert bat.result.holes == (arch == "x86_64")  # arm64's model does not count them
     assert g.runs(one) == g.runs(many)
     assert g.raws(one, vas[:-1]) == g.raws(many, vas[:-1])
+
+
+def test_page_runs_merge_adjacent_and_repeated_pages():
+    from ptlab.kernel.cpa import PAGE_SIZE, page_runs
+
+    p = PAGE_SIZE
+    assert page_runs([5 * p, 3 * p, 4 * p, 4 * p, 9 * p]) == [(3 * p, 6 * p), (9 * p, 10 * p)]
+    assert page_runs([]) == []

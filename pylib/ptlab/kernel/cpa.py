@@ -23,13 +23,24 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..engine import PageTable
 from ..formats.base import Attrs, Entry, Kind
 
 PAGE_SIZE = 4096
+
+
+def page_runs(vas: Iterable[int]) -> list[tuple[int, int]]:
+    """The pages at ``vas`` (any order, repeats allowed) as sorted maximal [lo, hi) runs."""
+    out: list[tuple[int, int]] = []
+    for va in sorted(vas):
+        if out and out[-1][1] >= va:
+            out[-1] = (out[-1][0], max(out[-1][1], va + PAGE_SIZE))
+        else:
+            out.append((va, va + PAGE_SIZE))
+    return out
 Mask = Mapping[str, object]
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..engine import PageTable
-from .cpa import PAGE_SIZE, CpaResult
+from .cpa import PAGE_SIZE, CpaResult, page_runs
 from .set_direct_map import (
     set_direct_map_default_noflush,
     set_direct_map_invalid_noflush,
@@ -72,24 +72,13 @@ def _run(pt: PageTable, vas: Iterable[int], one: object, batched: bool,
     if batched:  # the per-page removals, fused per 2M window; one flush for all
         with pt.gather.batch():
             res += set_direct_map_noflush_pages(pt, "invalid", vas, **kw)  # type: ignore[arg-type]
-            for lo, hi in _ranges(vas):
+            for lo, hi in page_runs(vas):  # (add_range would merge them anyway)
                 pt.gather.add_range(lo, hi)
     else:
         for va in vas:
             res += one(pt, va, **kw)  # type: ignore[operator]
     dt = time.perf_counter() - t0
     return Removal(len(vas), pt.gather.flushes - f0, res, dt)
-
-
-def _ranges(vas: list[int]) -> list[tuple[int, int]]:
-    """The pages of ``vas`` as maximal [lo, hi) runs (what add_range would merge anyway)."""
-    out: list[tuple[int, int]] = []
-    for va in sorted(vas):
-        if out and out[-1][1] >= va:
-            out[-1] = (out[-1][0], max(out[-1][1], va + PAGE_SIZE))
-        else:
-            out.append((va, va + PAGE_SIZE))
-    return out
 
 
 def remove_per_page(pt: PageTable, vas: Iterable[int], **kw: object) -> Removal:
