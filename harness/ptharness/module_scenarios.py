@@ -92,7 +92,7 @@ def page_kernel(t: Target) -> Attrs:
 def arm64_config(t: Target) -> Arm64Config | None:
     """arm64: rodata=full (Debian's default) and whether the CPU and kernel use BTI
     (PTE_GP on the kernel's own text, ``_stext``); None elsewhere."""
-    if t.fmt.arch != "arm64":
+    if t.fmt.arch not in _ARM64_ARCHES:
         return None
     from ptlab.walk import translate
 
@@ -102,6 +102,9 @@ def arm64_config(t: Target) -> Arm64Config | None:
     t.stop()
     raw = translate(t.fmt, t.g.memory, t.root, stext).steps[-1].raw
     return Arm64Config(bti=bool(raw >> 50 & 1))
+
+
+_ARM64_ARCHES = {"arm64"}  # architectures with an Arm64Config (per-arch facts are tables)
 
 
 def sysfs(t: Target, name: str) -> tuple[dict[str, int], int]:
