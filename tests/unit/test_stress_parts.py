@@ -229,3 +229,21 @@ def test_malformed_commands_are_malformed():
             assert not c.args[1].isdigit() or int(c.args[1]) >= 10**6
         if c.args[:1] in ([b"release"],) and len(c.args) == 2 and c.args[1].isdigit():
             assert int(c.args[1]) == 0 or int(c.args[1]) >= 10**6
+
+
+def test_exec_argv_bench_reports_its_figures_and_refuses_bad_input():
+    """bench/exec_argv.py (the README's figure for the argv gap after Popen): three figure
+    lines, counts within the runs; a bad --repeat is one usage error."""
+    import re
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "exec_argv.py"
+    out = subprocess.run([sys.executable, str(script), "--repeat", "5"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    m = re.fullmatch(r"argv_missing_after_popen: (\d+) of 5\n"
+                     r"argv_visible_after_ms\[median\]: [0-9.e+-]+ ms\n"
+                     r"argv_visible_after_ms\[max\]: [0-9.e+-]+ ms\n", out)
+    assert m and int(m[1]) <= 5, out
+    bad = subprocess.run([sys.executable, str(script), "--repeat", "0"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
