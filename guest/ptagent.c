@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -1117,44 +1118,49 @@ static void serve_loop(int lfd)
     }
 }
 
-static int cmd_serve(int argc, char **argv)
+/* The daemon's listening socket (refused when a daemon answers there already): -1 with the
+ * error in `o`. */
+static int serve_listen(struct out *o)
 {
-    int daemonize = argc == 3 && !strcmp(argv[2], "-d");
-    struct out o = {0};
     const char *path = sock_path();
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    if (argc > 3 || (argc == 3 && !daemonize)) {
-        fail(&o, EINVAL, "usage: ptagent serve [-d]");
-        goto error;
-    }
     if (strlen(path) >= sizeof sa.sun_path) {
-        fail(&o, ENAMETOOLONG, "socket path too long");
-        goto error;
+        fail(o, ENAMETOOLONG, "socket path too long");
+        return -1;
     }
     strcpy(sa.sun_path, path);
     int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (lfd < 0) {
-        fail(&o, errno, "socket: %s", strerror(errno));
-        goto error;
+        fail(o, errno, "socket: %s", strerror(errno));
+        return -1;
     }
     if (connect(lfd, (struct sockaddr *)&sa, sizeof sa) == 0) {
-        fail(&o, EADDRINUSE, "an agent daemon already serves %s", path);
-        goto error;
+        fail(o, EADDRINUSE, "an agent daemon already serves %s", path);
+        close(lfd);
+        return -1;
     }
     close(lfd);
     lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (lfd < 0) {
-        fail(&o, errno, "socket: %s", strerror(errno));
-        goto error;
+        fail(o, errno, "socket: %s", strerror(errno));
+        return -1;
     }
     unlink(path);
     mode_t old = umask(077);
     if (bind(lfd, (struct sockaddr *)&sa, sizeof sa) || listen(lfd, 16)) {
         umask(old);
-        fail(&o, errno, "bind/listen %s: %s", path, strerror(errno));
-        goto error;
+        fail(o, errno, "bind/listen %s: %s", path, strerror(errno));
+        close(lfd);
+        return -1;
     }
     umask(old);
+    return lfd;
+}
+
+/* The serving process's own settings (not its parent's: /init's would reach every later
+ * process): SIGPIPE ignored, RLIMIT_MEMLOCK lifted, the start time. */
+static void serve_setup(void)
+{
     signal(SIGPIPE, SIG_IGN);
     /* secretmem pages are locked memory: the kernel refuses to fault one in beyond
      * RLIMIT_MEMLOCK (8 MiB by default), whatever the capabilities. The daemon holds the
@@ -1167,27 +1173,70 @@ static int cmd_serve(int argc, char **argv)
         memlock.rlim_cur = memlock.rlim_max = (rlim_t)bytes;
     setrlimit(RLIMIT_MEMLOCK, &memlock);
     started = time(NULL);
-    if (daemonize) {
-        pid_t pid = fork();
-        if (pid < 0) {
-            fail(&o, errno, "fork: %s", strerror(errno));
-            goto error;
-        }
-        if (pid > 0) {
-            printf("{\"serving\": \"%s\", \"pid\": %d}\n", path, (int)pid);
-            return 0;
-        }
-        setsid();
-        int nul = open("/dev/null", O_RDWR);
-        if (nul >= 0) {
-            dup2(nul, 0);
-            dup2(nul, 1);
-            dup2(nul, 2);
-            if (nul > 2)
-                close(nul);
-        }
+}
+
+/* Serve `lfd` in a forked daemon (own session, stdio on /dev/null): its pid, or -1. */
+static pid_t serve_daemon(int lfd)
+{
+    pid_t pid = fork();
+    if (pid != 0) {
+        if (pid > 0)
+            close(lfd);
+        return pid;
     }
+    setsid();
+    prctl(PR_SET_NAME, "ptagent-serve");
+    int nul = open("/dev/null", O_RDWR);
+    if (nul >= 0) {
+        dup2(nul, 0);
+        dup2(nul, 1);
+        dup2(nul, 2);
+        if (nul > 2)
+            close(nul);
+    }
+    serve_setup();
     serve_loop(lfd);
+    _exit(0);
+}
+
+int agent_daemon_start(void)
+{
+    struct out o = {0};
+    int lfd = serve_listen(&o);
+    if (lfd >= 0 && serve_daemon(lfd) < 0) {
+        fail(&o, errno, "fork: %s", strerror(errno));
+        close(lfd);
+        lfd = -1;
+    }
+    if (lfd < 0 && o.buf)
+        fputs(o.buf, stdout); /* the console */
+    return lfd < 0 ? -1 : 0;
+}
+
+static int cmd_serve(int argc, char **argv)
+{
+    int daemonize = argc == 3 && !strcmp(argv[2], "-d");
+    struct out o = {0};
+    if (argc > 3 || (argc == 3 && !daemonize)) {
+        fail(&o, EINVAL, "usage: ptagent serve [-d]");
+        goto error;
+    }
+    int lfd = serve_listen(&o);
+    if (lfd < 0)
+        goto error;
+    if (!daemonize) {
+        serve_setup();
+        serve_loop(lfd);
+        return 1;
+    }
+    pid_t pid = serve_daemon(lfd);
+    if (pid < 0) {
+        fail(&o, errno, "fork: %s", strerror(errno));
+        close(lfd);
+        goto error;
+    }
+    printf("{\"serving\": \"%s\", \"pid\": %d}\n", sock_path(), (int)pid);
+    return 0;
 error:
     jp(&o, "\n");
     fputs(o.buf, stdout);

@@ -244,11 +244,6 @@ static int run_path(const char *path, char *const argv[], int quiet, int wait)
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-static int run(char *const argv[], int quiet, int wait)
-{
-    return run_path(argv[0], argv, quiet, wait);
-}
-
 /* Does a TCP socket listen on `port` (/proc/net/tcp{,6}: local address ends ":PORT", state
  * 0A = TCP_LISTEN)? */
 static int listening(unsigned port)
@@ -278,11 +273,12 @@ static int listening(unsigned port)
  * PTLAB-READY promises an SSH server that accepts connections. argv[0] is a bare name that
  * does not open from our cwd (/): dropbear (2022.82 on) re-executes itself from argv[0] for
  * every connection (ASLR; "-2 FD" in the child's argv) unless it cannot open that file, and the
- * re-exec's dynamic linking costs a TCG guest ~0.1 s per SSH session; it then just forks. */
+ * re-exec costs a TCG guest ~0.1 s per SSH session; it then just forks. No -s: the image's
+ * dropbear has password logins compiled out (harness/ptharness/image_dropbear.py). */
 static void sshd(void)
 {
     char *dropbear[] = {"dropbear", "-F", "-r", "/etc/dropbear/host_key", "-p", "22",
-                        "-s", "-P", "/run/dropbear/dropbear.pid", NULL};
+                        "-P", "/run/dropbear/dropbear.pid", NULL};
     pid_t pid = run_path("/usr/sbin/dropbear", dropbear, 0, 0);
     if (pid < 0) {
         say("dropbear: fork: %s", strerror(errno));
@@ -329,8 +325,7 @@ int ptinit_main(void)
     stamp("net");
     ssh_key();
     stamp("keys");
-    char *agent[] = {"/bin/ptagent", "serve", "-d", NULL};
-    if (run(agent, 1, 1))
+    if (agent_daemon_start()) /* `ptagent serve -d` without its exec: this binary is ptagent */
         say("ptagent serve failed");
     stamp("agent");
     sshd();

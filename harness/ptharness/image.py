@@ -3,11 +3,13 @@
 `ensure_image(arch, kernel)` returns a cached image or builds it. The kernel is the one a
 Debian meta package currently names: linux-image-amd64 / -arm64 for the 6.1 series (the default,
 :data:`ptharness.profiles.KERNELS`), linux-image-6.12-amd64 / -arm64 for 6.12; packages are
-downloaded and extracted, never installed. The cache key covers every package version
-and a hash of the recipe (images/rootfs, module and package lists, guest agent source,
-this builder). Usage: `python -m ptharness.image [--kernel K] [--profile P,..] [--key] ARCH|all`
-(the images the profiles of ARCH need; ``--key`` prints each image's directory name, a CI
-cache key, instead of building).
+downloaded and extracted, never installed; dropbear is Debian's source package built static
+(:mod:`ptharness.image_dropbear`). The cache key covers every package version, dropbear's
+source version and a hash of the recipe (images/rootfs, module and package lists, guest agent
+source, this builder).
+Usage: `python -m ptharness.image [--kernel K] [--profile P,..] [--key] ARCH|all` (the
+images the profiles of ARCH need; ``--key`` prints each image's directory name, a CI cache
+key, instead of building).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 
 from ptharness.image_cpio import NewcWriter
 from ptharness.image_debs import AptArch, Package, PackageError, extract, host_versions
+from ptharness.image_dropbear import BINARY as DROPBEAR_BINARY
+from ptharness.image_dropbear import static_dropbear
 from ptharness.image_elf import ElfError, library_closure, vmlinux_from_bzimage
 from ptharness.image_entry import la57_entry_image
 from ptharness.image_modules import ModuleError, ModuleTree, read_ko, strip_signature
@@ -63,7 +67,7 @@ class ArchRecipe:
     debarch: str
     triplet: str
     loader_dirs: tuple[str, ...]
-    host_userland: bool    # True: busybox/dropbear/libs from the host; False: downloaded
+    host_userland: bool    # True: busybox from the host; False: downloaded
     kernel_name: str       # boot image in the image dir: "bzImage" (+ PVH "vmlinux") | "Image"
 
     def meta(self, kernel: str) -> str:
@@ -129,6 +133,7 @@ class _Inputs:
     recipe: ArchRecipe
     kernel: Package
     userland: dict[str, str]    # package -> version
+    dropbear: str               # Debian source version built static (image_dropbear)
     key: str
 
     @property
@@ -157,10 +162,11 @@ def _inputs(arch: str, kernel_series: str, progress: Progress) -> tuple[_Inputs,
         userland = host_versions(names)
     else:
         userland = {n: p.version for n, p in apt.show(names).items()}
+    dropbear = apt.show([DROPBEAR_BINARY])[DROPBEAR_BINARY].version
     blob = json.dumps({"kernel": [kernel.name, kernel.version], "userland": userland,
-                       "recipe": recipe_hash(arch)}, sort_keys=True)
+                       "dropbear": dropbear, "recipe": recipe_hash(arch)}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return _Inputs(recipe, kernel, userland, key), apt
+    return _Inputs(recipe, kernel, userland, dropbear, key), apt
 
 
 def _load(outdir: Path) -> Image | None:
@@ -256,7 +262,7 @@ def _kernel_tree(inputs: _Inputs, apt: AptArch, progress: Progress) -> tuple[Pat
 
 
 def _userland_root(inputs: _Inputs, apt: AptArch, progress: Progress) -> Path:
-    """Root holding busybox, dropbear and libraries: the host, or the extracted debs."""
+    """Root holding busybox: the host, or the extracted debs."""
     if inputs.recipe.host_userland:
         return Path("/")
     arch = inputs.recipe.arch
@@ -371,20 +377,19 @@ class _Tree:
         self.w.add_symlink(path, target)
 
 
-def _initramfs(out: Path, *, recipe: ArchRecipe, userland: Path, agent: Path, host_key: Path,
-               kernel_tree: Path, kver: str, progress: Progress) -> int:
+def _initramfs(out: Path, *, recipe: ArchRecipe, userland: Path, dropbear: Path, agent: Path,
+               host_key: Path, kernel_tree: Path, kver: str, progress: Progress) -> int:
     modules = ModuleTree(kernel_tree / "lib" / "modules" / kver)
     early, late = module_lists(IMAGES / f"modules-{recipe.arch}.txt")
     order = modules.load_order(early)
     late_order = modules.load_order(early + late)[len(order):]
     progress(f"initramfs: modules in load order: {' '.join(m.name for m in order)}"
              f" (late: {' '.join(m.name for m in late_order)})")
-    dropbear = userland / "usr/sbin/dropbear"
     busybox = userland / "bin/busybox"
     for f in (dropbear, busybox):
         if not f.is_file():
             raise ImageError(f"{f} missing (package not installed/extracted?)")
-    libs = library_closure(dropbear, userland, recipe.libdirs)
+    libs = library_closure(dropbear, userland, recipe.libdirs)  # none: it is static
     with open(out, "wb") as fh:
         w = NewcWriter(fh)
         t = _Tree(w)
@@ -431,6 +436,9 @@ def _build(inputs: _Inputs, apt: AptArch, progress: Progress) -> Image:
              f" -> {inputs.outdir}")
     tree, kver = _kernel_tree(inputs, apt, progress)
     userland = _userland_root(inputs, apt, progress)
+    with _lock("dropbear"):  # one source download and build at a time, shared by kernels
+        dropbear = static_dropbear(arch, recipe.triplet, inputs.dropbear, cache_root(),
+                                   progress)
     agent = _agent(arch, progress)
 
     outdir = inputs.outdir
@@ -449,14 +457,15 @@ def _build(inputs: _Inputs, apt: AptArch, progress: Progress) -> Image:
         pub = _host_key(tmp)
         (tmp / "host_key.pub").write_text(pub + "\n")
         progress("initramfs: writing newc archive")
-        size = _initramfs(tmp / "initrd.img", recipe=recipe, userland=userland, agent=agent,
-                          host_key=tmp / "host_key", kernel_tree=tree, kver=kver,
-                          progress=progress)
+        size = _initramfs(tmp / "initrd.img", recipe=recipe, userland=userland,
+                          dropbear=dropbear, agent=agent, host_key=tmp / "host_key",
+                          kernel_tree=tree, kver=kver, progress=progress)
         meta = {"arch": arch, "kernel": kernel_name, "vmlinux": vmlinux_name,
                 "la57_entry": la57_name,
                 "initrd": "initrd.img", "host_key_pub": pub, "kernel_version": kver,
                 "package_version": inputs.kernel.version, "kernel_package": inputs.kernel.name,
-                "userland": inputs.userland, "recipe": recipe_hash(arch),
+                "userland": inputs.userland, "dropbear": inputs.dropbear,
+                "recipe": recipe_hash(arch),
                 "initrd_bytes": size}
         (tmp / "image.json").write_text(json.dumps(meta, indent=1) + "\n")
         tmp.rename(outdir)

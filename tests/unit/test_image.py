@@ -11,6 +11,7 @@ import pytest
 from ptharness import image as image_mod
 from ptharness.image_cpio import NewcWriter, read_newc
 from ptharness.image_debs import Package, parse_stanzas
+from ptharness.image_elf import interpreter
 
 
 def _archive(build) -> bytes:
@@ -116,7 +117,7 @@ def built_image(arch: str) -> image_mod.Image:
 
 
 @pytest.mark.parametrize("arch", sorted(image_mod.RECIPES))
-def test_built_image_contents(arch: str):
+def test_built_image_contents(arch: str, tmp_path):
     img = built_image(arch)
     assert img.arch == arch
     assert img.host_key_pub.startswith("ssh-ed25519 AAAA")
@@ -129,6 +130,10 @@ def test_built_image_contents(arch: str):
     machine = {"x86_64": 62, "arm64": 183}[img.arch]   # EM_X86_64, EM_AARCH64
     for prog in ("bin/busybox", "bin/ptagent", "usr/sbin/dropbear"):
         assert struct.unpack_from("<H", entries[prog][1], 18)[0] == machine, prog
+    # dropbear built static from Debian's source (image_dropbear): no loader, no library
+    (tmp_path / "dropbear").write_bytes(entries["usr/sbin/dropbear"][1])
+    assert interpreter(tmp_path / "dropbear") is None
+    assert not [n for n in entries if ".so" in n.rsplit("/", 1)[-1]]
     kver = entries["etc/ptlab/kernel_version"][1].decode().strip()
     assert kver == img.kernel_version
     late = entries["etc/ptlab/modules.late"][1].decode().split()
@@ -162,7 +167,7 @@ def test_prune_keeps_current_and_recent(tmp_path, monkeypatch):
     monkeypatch.setenv("PTLAB_IMAGE_CACHE", str(tmp_path))
     kernel = Package("linux-image-6.1.0-9-amd64", "6.1.9-1", "amd64", "")
     recipe = image_mod.RECIPES["x86_64"]
-    inputs = image_mod._Inputs(recipe, kernel, {}, "k" * 12)
+    inputs = image_mod._Inputs(recipe, kernel, {}, "2022.83-1", "k" * 12)
     old = _time.time() - 2 * image_mod.STALE_AFTER_S
     dirs = {}
     # "6.12": an image of the other kernel series, which a 6.1 build leaves alone
