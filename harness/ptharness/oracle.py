@@ -29,6 +29,7 @@ leaf page ``(va, pa, page_size, flags)``, the walker's effective attributes rend
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -164,6 +165,23 @@ def resolve_sizes(lines: Sequence[TlbLine]) -> list[TlbLeaf]:
             size = SZ_2M if nxt is not None and nxt < ln.va + SZ_1G else AMBIGUOUS
         out[i] = TlbLeaf(ln.va, ln.pa, size, ln.flags)
     return [leaf for leaf in out if leaf is not None]
+
+
+def covering(lines: Sequence[TlbLine], vas: Iterable[int]) -> dict[int, TlbLeaf]:
+    """The leaf mapping each of ``vas`` (its 4K line, or the large line it falls in); a VA
+    that no line maps, or that lies past the first 2M of an AMBIGUOUS line, is left out."""
+    leaves = sorted(resolve_sizes(lines), key=lambda leaf: leaf.va)
+    starts = [leaf.va for leaf in leaves]
+    out: dict[int, TlbLeaf] = {}
+    for va in vas:
+        i = bisect.bisect_right(starts, va) - 1
+        if i < 0:
+            continue
+        leaf = leaves[i]
+        size = SZ_2M if leaf.page_size == AMBIGUOUS else leaf.page_size
+        if va < leaf.va + size:
+            out[va] = leaf
+    return out
 
 
 def info_tlb(hmp: Hmp) -> tuple[list[TlbLine], float]:

@@ -29,10 +29,11 @@ PAGE = 4096
 
 
 def tlb_flags(target: ks.Target, vas: list[int]) -> dict[int, object]:
-    """QEMU's ``info tlb`` attributes of the 4K pages at ``vas``."""
-    want = set(vas)
+    """QEMU's ``info tlb`` attributes of the pages at ``vas`` (a direct-map alias whose
+    attributes need no split stays inside its 2M leaf: that leaf's)."""
     lines, _ = oracle.info_tlb(target.g.hmp)
-    return {ln.va: oracle.tlb_attrs(ln.flags) for ln in lines if ln.va in want}
+    return {va: oracle.tlb_attrs(leaf.flags)
+            for va, leaf in oracle.covering(lines, vas).items()}
 
 
 class ModuleChecks:

@@ -337,3 +337,21 @@ def test_real_hmp_replies():
             kinds.add("xp")
     assert kinds == {"gpa", "unmapped", "x", "x-fault", "xp"}
     assert any(r["reply"].strip() == "gpa: 0" for r in replies)
+
+
+def test_covering_finds_the_leaf_each_va_lies_in():
+    lines = [
+        oracle.TlbLine(0xFFFF888000000000, 0, "--P-A---W"),  # 2M (a 4K line follows)
+        oracle.TlbLine(0xFFFF888000200000, 0x200000, "--------W"),  # 4K
+        oracle.TlbLine(0xFFFF888040000000, 0x40000000, "X-P-A---W"),  # 2M or 1G
+    ]
+    vas = [0xFFFF888000000000, 0xFFFF8880001FF000, 0xFFFF888000200000,
+           0xFFFF888000201000,  # in no line
+           0xFFFF888040100000,  # the first 2M of the ambiguous line: certain
+           0xFFFF888040400000,  # past it: 1G or unmapped, unknown
+           0xFFFF887FFFFFF000]  # below every line
+    got = {va: leaf.va for va, leaf in oracle.covering(lines, vas).items()}
+    assert got == {0xFFFF888000000000: 0xFFFF888000000000,
+                   0xFFFF8880001FF000: 0xFFFF888000000000,
+                   0xFFFF888000200000: 0xFFFF888000200000,
+                   0xFFFF888040100000: 0xFFFF888040000000}
