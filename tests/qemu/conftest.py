@@ -430,9 +430,14 @@ class GuestPool:
                 self._handed.discard(key)
 
     def close(self) -> None:
+        """Close every guest normally, then check that each left nothing behind (its QEMU
+        reaped, its run directory gone): the normal close's check, on every run."""
+        closed = [(g.pid, g.rundir) for g in self._guests.values() if g.pid is not None]
         for g in self._guests.values():
             g.close()
         self._guests.clear()
+        for pid, rundir in closed:
+            assert_cleaned(pid, rundir)
 
 
 @pytest.fixture(scope="session")
@@ -496,7 +501,7 @@ SECOND_HALF = frozenset({"test_kernel_scenarios.py", "test_kernel_modules.py",
 UNIT_WEIGHT = {
     "pool:x86_64": 34, "pool:x86_64-pti": 27, "pool:arm64": 23, "pool:x86_64-la57": 22,
     "pool:arm64-kpti": 19, "pool:x86_64-pti/b": 17,
-    "test_guest_lifecycle.py": 12, "test_cli_arm64_qemu.py": 12, "test_cli_live_qemu.py": 8,
+    "test_guest_lifecycle.py": 4, "test_cli_arm64_qemu.py": 12, "test_cli_live_qemu.py": 8,
     "test_kernel_hotplug.py::TestArm64": 4, "test_kernel_hotplug.py::TestArm64Kpti": 4,
 }
 POOL_UNIT = "@pool:"  # nodeid suffix naming a test's pool work unit

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import stat
-import threading
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def kcore(g: Guest, va: int, size: int) -> bytes:
 def test_boot_and_agent_info(profile, guest_pool):
     """The pool's booted guest: its run directory, the agent's info against busybox reads,
     SSH exit codes, a paused guest's SSH timeout, the console's ready mark. (A guest's clean
-    close is checked by test_cli_live_qemu, which boots its own.)"""
+    close is checked when the pool closes; a killed QEMU's by test_cli_live_qemu.)"""
     g = guest_pool.acquire(profile)
     rundir = g.rundir
     assert stat.S_IMODE(rundir.stat().st_mode) == 0o700
@@ -98,25 +97,6 @@ def test_boot_and_agent_info(profile, guest_pool):
 
 
 @pytest.mark.parametrize("profile", ["x86_64"])
-def test_killed_qemu_is_reported_quickly(profile):
-    g = Guest(profile)
-    with pytest.raises(GuestError) as err, g:
-        pid, rundir = g.pid, g.rundir
-        assert pid is not None
-        threading.Timer(0.5, os.kill, (pid, 9)).start()
-        t = time.monotonic()
-        try:
-            g.ssh("sleep 60", timeout=120)  # blocked in the guest when QEMU dies
-        finally:
-            elapsed = time.monotonic() - t
-    assert elapsed < FAIL_FAST_S, f"took {elapsed:.1f} s to notice the dead QEMU"
-    assert "QEMU exited" in str(err.value) and "console tail" in str(err.value)
-    with pytest.raises(GuestError):
-        g.agent("info")  # stays dead, says so at once
-    assert_cleaned(pid, rundir)
-
-
-@pytest.mark.parametrize("profile", ["x86_64"])
 def test_panic_is_reported_with_console(profile):
     g = Guest(profile)
     with pytest.raises(GuestError) as err, g:
@@ -144,7 +124,7 @@ def test_boot_failure_cleans_up(profile):
         g.start()
     assert g.pid is None and not g._paths.rundir.exists()
     t = time.monotonic()
-    g = Guest(profile, boot_timeout=1.5)
+    g = Guest(profile, boot_timeout=0.6)  # QEMU is up in ~0.15 s, the kernel needs 1.5 s+
     with pytest.raises(GuestError, match="within"):
         g.start()
     assert time.monotonic() - t < FAIL_FAST_S
