@@ -37,13 +37,16 @@ class Package:
         return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None, timeout: float = 600) -> str:
+def run(cmd: list[str], what: str, cwd: Path | None = None, timeout: float = 600,
+        env: dict[str, str] | None = None) -> str:
+    """``cmd``'s stdout; PackageError naming ``what`` with the output's last lines if it fails."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                              env=env)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise PackageError(f"{what}: {e}") from None
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise PackageError(f"{what} failed ({proc.returncode}): {tail}")
     return proc.stdout
 
@@ -106,7 +109,7 @@ class AptArch:
         (self.cache / "archives" / "partial").mkdir(parents=True, exist_ok=True)
         progress(f"apt: updating package lists for {self.debarch}")
         try:
-            _run(["apt-get", "-q", *self.options(), "update"], f"apt-get update ({self.debarch})")
+            run(["apt-get", "-q", *self.options(), "update"], f"apt-get update ({self.debarch})")
         except PackageError as e:
             if age is None:
                 raise
@@ -143,7 +146,7 @@ class AptArch:
 
     def _apt_show(self, names: list[str]) -> dict[str, Package]:
         """The candidate version of each package (one apt-cache call)."""
-        text = _run(["apt-cache", *self.options(), "show", "--no-all-versions", *names],
+        text = run(["apt-cache", *self.options(), "show", "--no-all-versions", *names],
                     f"apt-cache show {' '.join(names)} ({self.debarch})")
         found: dict[str, Package] = {}
         for st in parse_stanzas(text):
@@ -172,7 +175,7 @@ class AptArch:
             return deb
         dest.mkdir(parents=True, exist_ok=True)
         progress(f"apt: downloading {pkg.name} {pkg.version} ({self.debarch})")
-        _run(["apt-get", "-q", *self.options(), "download", f"{pkg.name}={pkg.version}"],
+        run(["apt-get", "-q", *self.options(), "download", f"{pkg.name}={pkg.version}"],
              f"apt-get download {pkg.name}", cwd=dest)
         if not deb.exists():
             got = sorted(p.name for p in dest.glob(f"{pkg.name}_*.deb"))
@@ -189,7 +192,7 @@ def extract(deb: Path, dest: Path, progress: Progress) -> Path:
     tmp.mkdir(parents=True)
     progress(f"dpkg-deb: extracting {deb.name}")
     try:
-        _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"dpkg-deb -x {deb.name}")
+        run(["dpkg-deb", "-x", str(deb), str(tmp)], f"dpkg-deb -x {deb.name}")
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,12 +22,11 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ptharness.image_debs import AptArch, PackageError
+from ptharness.image_debs import AptArch, PackageError, run
 from ptharness.image_elf import interpreter
 
 Progress = Callable[[str], None]
@@ -115,24 +114,11 @@ class AptSource(AptArch):
             return dsc
         dest.mkdir(parents=True, exist_ok=True)
         progress(f"apt: downloading source {name} {version}")
-        _run(["apt-get", "-q", *self.options(), "source", "--download-only",
+        run(["apt-get", "-q", *self.options(), "source", "--download-only",
               f"{name}={version}"], f"apt-get source {name}={version}", cwd=dest)
         if not dsc.exists():
             raise PackageError(f"apt-get source {name}: no {dsc.name} in {dest}")
         return dsc
-
-
-def _run(cmd: list[str], what: str, cwd: Path | None = None,
-         env: dict[str, str] | None = None) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=900,
-                              env=env)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise PackageError(f"{what}: {e}") from None
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        raise PackageError(f"{what} failed ({proc.returncode}): {tail}")
-    return proc.stdout
 
 
 def dsc_files(dsc: Path) -> list[str]:
@@ -171,7 +157,7 @@ def unpack(dsc: Path, dest: Path) -> Path:
     patches = [ln.split("#")[0].split()[0] for ln in series.read_text().splitlines()
                if ln.split("#")[0].strip()] if series.exists() else []
     for p in patches:
-        _run(["patch", "-p1", "-s", "-N", "-i", str(tree / "debian" / "patches" / p)],
+        run(["patch", "-p1", "-s", "-N", "-i", str(tree / "debian" / "patches" / p)],
              f"patch {p}", cwd=tree)
     return tree
 
@@ -194,14 +180,14 @@ def static_dropbear(arch: str, triplet: str, version: str, cache: Path,
         (tree / "localoptions.h").write_text(LOCALOPTIONS)
         progress(f"dropbear {version}: building static for {arch}")
         env = {**os.environ, "CC": f"{triplet}-gcc"}
-        _run(["./configure", "-q", f"--host={triplet}", *CONFIGURE], "dropbear configure",
-             cwd=tree, env=env)
-        _run(["make", "-s", f"-j{os.cpu_count() or 1}", "PROGRAMS=dropbear", "STATIC=1"],
-             "dropbear make", cwd=tree, env=env)
+        run(["./configure", "-q", f"--host={triplet}", *CONFIGURE], "dropbear configure",
+            cwd=tree, env=env)
+        run(["make", "-s", f"-j{os.cpu_count() or 1}", "PROGRAMS=dropbear", "STATIC=1"],
+            "dropbear make", cwd=tree, env=env, timeout=900)
         binary = tree / "dropbear"
         if interpreter(binary) is not None:
             raise PackageError(f"dropbear for {arch} is not static ({interpreter(binary)})")
-        _run([f"{triplet}-strip", str(binary)], f"{triplet}-strip dropbear")
+        run([f"{triplet}-strip", str(binary)], f"{triplet}-strip dropbear")
         final = work / "dropbear"
         binary.rename(final)
         shutil.rmtree(tree)
