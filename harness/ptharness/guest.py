@@ -638,12 +638,13 @@ class Guest(RootsMixin, HotplugMixin):
         self._reconnect = True
         # self.info still holds: same boot, same kernel as at the checkpoint
 
-    def _session_after_reset(self) -> Session:
+    def _session_after_reset(self, timeout: float) -> Session:
+        """The SSH session a reset left to make, within the first command's ``timeout``."""
         assert self.ssh_port is not None
         try:
             session = Session.connect(
                 self.ssh_port, self._key, self.image.host_key_pub,
-                deadline=time.monotonic() + 30, alive=lambda: self._dead is None,
+                deadline=time.monotonic() + timeout, alive=lambda: self._dead is None,
             )
         except SshError as e:
             raise self._error(f"SSH after reset: {self._dead or e}") from None
@@ -655,8 +656,10 @@ class Guest(RootsMixin, HotplugMixin):
         """(status, stdout, stderr) of a shell command in the guest, fed ``stdin``."""
         self._check_alive()
         session = self._session
+        t0 = time.monotonic()
         if session is None and self._reconnect:
-            session = self._session_after_reset()
+            session = self._session_after_reset(timeout)
+            timeout = max(timeout - (time.monotonic() - t0), 0.1)
         if session is None:
             raise self._error("no SSH session")
         try:

@@ -251,6 +251,15 @@ def test_checkpoint_reset(profile, guest_pool, seeded_rng):
     assert rc == 1, "reset did not bring the guest back to the checkpoint"
     assert g.ssh("cat /proc/sys/kernel/random/boot_id")[1] == boot_id
     assert elapsed < g.boot_seconds, f"reset {elapsed:.2f} s is no faster than a boot"
+    # the session a reset leaves to the first command is made within that command's bound
+    g.reset()
+    g.stop()
+    t = time.monotonic()
+    with pytest.raises(GuestError, match="SSH after reset"):
+        g.ssh("true", timeout=1)
+    assert time.monotonic() - t < 3
+    g.cont()
+    assert g.ssh("echo back")[1] == "back\n"
 
 
 def memory_blocks(g: Guest) -> int:
