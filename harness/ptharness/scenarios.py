@@ -8,6 +8,7 @@ Every function takes plain values (format, memory, root, runs) or a started
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 import shlex
 import time
@@ -112,10 +113,10 @@ def sample_mapped(runs: Sequence[Run], n: int, rng: random.Random) -> list[int]:
     pick by size (what the address space is made of); the byte offset is random."""
     if not runs:
         raise ScenarioError("no mapped runs to sample")
-    sizes = [r.size for r in runs]
+    cum = list(itertools.accumulate(r.size for r in runs))  # choices(weights=) redoes this
     out = []
     for i in range(n):
-        r = rng.choice(runs) if i % 2 else rng.choices(runs, weights=sizes)[0]
+        r = rng.choice(runs) if i % 2 else rng.choices(runs, cum_weights=cum)[0]
         out.append(r.va + rng.randrange(r.size))
     return out
 
