@@ -135,6 +135,28 @@ def dsc_files(dsc: Path) -> list[str]:
     return names
 
 
+def extract_tar(t: tarfile.TarFile, dest: Path) -> None:
+    """Extract ``t`` into ``dest``, refusing members that would land outside it and special
+    files: tarfile's "data" filter where Python has it (3.11.4+), else the same checks here
+    (Debian 12's python3 is 3.11.2)."""
+    if hasattr(tarfile, "data_filter"):
+        try:
+            t.extractall(dest, filter="data")
+        except tarfile.FilterError as e:
+            raise PackageError(f"{t.name}: {e}") from None
+        return
+    root = dest.resolve()
+    for m in t.getmembers():
+        target = (root / m.name).resolve()
+        link = (target.parent / m.linkname).resolve() if m.issym() else (
+            (root / m.linkname).resolve() if m.islnk() else root)
+        if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+            raise PackageError(f"{t.name}: {m.name!r} is a special file")
+        if not (target.is_relative_to(root) and link.is_relative_to(root)):
+            raise PackageError(f"{t.name}: {m.name!r} would be extracted outside {dest}")
+    t.extractall(dest)
+
+
 def unpack(dsc: Path, dest: Path) -> Path:
     """A 3.0 (quilt) source package unpacked into ``dest``: the upstream tarball (without a
     debian/ of its own), then the debian/ tarball, then every patch of debian/patches/series
@@ -148,11 +170,11 @@ def unpack(dsc: Path, dest: Path) -> Path:
         top = {m.name.split("/")[0] for m in t.getmembers()}
         if len(top) != 1:
             raise PackageError(f"{orig[0]}: not one top directory: {sorted(top)[:5]}")
-        t.extractall(dest, filter="data")
+        extract_tar(t, dest)
     tree = dest / top.pop()
     shutil.rmtree(tree / "debian", ignore_errors=True)  # as dpkg-source: upstream's debian/ goes
     with tarfile.open(dsc.parent / debian[0]) as t:
-        t.extractall(tree, filter="data")
+        extract_tar(t, tree)
     series = tree / "debian" / "patches" / "series"
     patches = [ln.split("#")[0].split()[0] for ln in series.read_text().splitlines()
                if ln.split("#")[0].strip()] if series.exists() else []

@@ -116,3 +116,22 @@ def test_unpack_names_a_patch_that_does_not_apply(tmp_path: Path):
     _tar(tmp_path / "pkg_1.0.orig.tar.bz2", {"pkg-1.0/hello.c": b"int other;\n"}, "w:bz2")
     with pytest.raises(PackageError, match="patch fix.patch failed"):
         unpack(dsc, tmp_path / "work")
+
+
+@pytest.mark.parametrize("python_has_filters", [True, False])
+def test_unpack_refuses_members_outside_the_tree(tmp_path: Path, monkeypatch,
+                                                 python_has_filters: bool):
+    """With tarfile's data filter or, on a Python without it (Debian 12's 3.11.2), the
+    module's own checks: a member escaping the tree is one PackageError, nothing written."""
+    if not python_has_filters:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tarfile filters")
+    dsc = _source_package(tmp_path)
+    _tar(tmp_path / "pkg_1.0-1.debian.tar.xz", {"debian/../../escaped": b"x"}, "w:xz")
+    with pytest.raises(PackageError, match="escaped"):
+        unpack(dsc, tmp_path / "work")
+    assert not (tmp_path / "work" / "escaped").exists()
+    assert not (tmp_path / "escaped").exists()
+    dsc = _source_package(tmp_path)  # and a good package still unpacks the same way
+    assert (unpack(dsc, tmp_path / "work2") / "hello.c").read_text() == "int answer = 42;\n"
