@@ -1175,13 +1175,15 @@ static void serve_setup(void)
     started = time(NULL);
 }
 
-/* Serve `lfd` in a forked daemon (own session, stdio on /dev/null): its pid, or -1. */
-static pid_t serve_daemon(int lfd)
+/* Serve `lfd` in a forked daemon (own session, stdio on /dev/null): its pid, or -1 with the
+ * error in `o`. The caller's copy of `lfd` is closed either way. */
+static pid_t serve_daemon(struct out *o, int lfd)
 {
     pid_t pid = fork();
+    if (pid < 0)
+        fail(o, errno, "fork: %s", strerror(errno));
     if (pid != 0) {
-        if (pid > 0)
-            close(lfd);
+        close(lfd);
         return pid;
     }
     setsid();
@@ -1203,14 +1205,11 @@ int agent_daemon_start(void)
 {
     struct out o = {0};
     int lfd = serve_listen(&o);
-    if (lfd >= 0 && serve_daemon(lfd) < 0) {
-        fail(&o, errno, "fork: %s", strerror(errno));
-        close(lfd);
-        lfd = -1;
-    }
-    if (lfd < 0 && o.buf)
-        fputs(o.buf, stdout); /* the console */
-    return lfd < 0 ? -1 : 0;
+    if (lfd >= 0 && serve_daemon(&o, lfd) > 0)
+        return 0;
+    jp(&o, "\n");
+    fputs(o.buf, stdout); /* the console */
+    return -1;
 }
 
 static int cmd_serve(int argc, char **argv)
@@ -1229,12 +1228,9 @@ static int cmd_serve(int argc, char **argv)
         serve_loop(lfd);
         return 1;
     }
-    pid_t pid = serve_daemon(lfd);
-    if (pid < 0) {
-        fail(&o, errno, "fork: %s", strerror(errno));
-        close(lfd);
+    pid_t pid = serve_daemon(&o, lfd);
+    if (pid < 0)
         goto error;
-    }
     printf("{\"serving\": \"%s\", \"pid\": %d}\n", sock_path(), (int)pid);
     return 0;
 error:

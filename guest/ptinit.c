@@ -220,28 +220,15 @@ static void ssh_key(void)
         close(fd);
 }
 
-/* Start argv in a child; wait for it to exit when `wait` (daemons that fork into the
- * background return at once). Returns the exit status (wait) or the child's pid. */
-static int run_path(const char *path, char *const argv[], int quiet, int wait)
+/* `path` with `argv` in a child: its pid, or -1. */
+static pid_t spawn(const char *path, char *const argv[])
 {
     pid_t pid = fork();
     if (pid == 0) {
-        if (quiet) {
-            int nul = open("/dev/null", O_WRONLY);
-            if (nul >= 0)
-                dup2(nul, 1);
-        }
         execv(path, argv);
         _exit(127);
     }
-    if (pid < 0)
-        return -1;
-    if (!wait)
-        return pid;
-    int status = 0;
-    if (waitpid(pid, &status, 0) < 0)
-        return -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return pid;
 }
 
 /* Does a TCP socket listen on `port` (/proc/net/tcp{,6}: local address ends ":PORT", state
@@ -279,7 +266,7 @@ static void sshd(void)
 {
     char *dropbear[] = {"dropbear", "-F", "-r", "/etc/dropbear/host_key", "-p", "22",
                         "-P", "/run/dropbear/dropbear.pid", NULL};
-    pid_t pid = run_path("/usr/sbin/dropbear", dropbear, 0, 0);
+    pid_t pid = spawn("/usr/sbin/dropbear", dropbear);
     if (pid < 0) {
         say("dropbear: fork: %s", strerror(errno));
         return;
