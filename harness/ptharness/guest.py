@@ -266,16 +266,7 @@ class Guest(RootsMixin, HotplugMixin):
         self._watch.start()
         self._wait_ready(deadline)
         self.timings.update((k, self._marks[k]) for k in ("init", "ready") if k in self._marks)
-        assert self.ssh_port is not None
-        try:
-            self._session = Session.connect(
-                self.ssh_port, key, image.host_key_pub, deadline=deadline,
-                alive=lambda: self._dead is None,
-            )
-        except SshError as e:
-            if self._dead is None:
-                time.sleep(0.2)  # a dying QEMU: let the watchdog name the cause
-            raise self._error(f"SSH: {self._dead or e}") from None
+        self._connect(deadline, "SSH")
         self.timings["ssh"] = time.monotonic() - t0
         # `ping` proves the agent answers (~0.06 s); `info` (~0.3 s: it scans kallsyms) is fetched
         # when first needed, see :attr:`info`.
@@ -295,8 +286,8 @@ class Guest(RootsMixin, HotplugMixin):
             self.ssh_port = free_port()
             argv = qemu_command(
                 self.profile, kernel=kernel, initrd=initrd, paths=paths, loader=loader,
-                ssh_port=self.ssh_port,
-                key_b64=key_b64, mem_mb=self.mem_mb, hotplug=self.hotplug, smp=self.smp,
+                ssh_port=self.ssh_port, key_b64=key_b64, mem_mb=self.mem_mb,
+                hotplug=self.hotplug, smp=self.smp,
             )
             for dev in self.devices:
                 argv += ["-device", dev]
@@ -638,16 +629,18 @@ class Guest(RootsMixin, HotplugMixin):
         self._reconnect = True
         # self.info still holds: same boot, same kernel as at the checkpoint
 
-    def _session_after_reset(self, timeout: float) -> Session:
-        """The SSH session a reset left to make, within the first command's ``timeout``."""
+    def _connect(self, deadline: float, what: str) -> Session:
+        """A new SSH session (the guest's), made by ``deadline``; GuestError "``what``: ..."."""
         assert self.ssh_port is not None
         try:
             session = Session.connect(
-                self.ssh_port, self._key, self.image.host_key_pub,
-                deadline=time.monotonic() + timeout, alive=lambda: self._dead is None,
+                self.ssh_port, self._key, self.image.host_key_pub, deadline=deadline,
+                alive=lambda: self._dead is None,
             )
         except SshError as e:
-            raise self._error(f"SSH after reset: {self._dead or e}") from None
+            if self._dead is None:
+                time.sleep(0.2)  # a dying QEMU: let the watchdog name the cause
+            raise self._error(f"{what}: {self._dead or e}") from None
         self._session, self._reconnect = session, False
         return session
 
@@ -658,7 +651,7 @@ class Guest(RootsMixin, HotplugMixin):
         session = self._session
         t0 = time.monotonic()
         if session is None and self._reconnect:
-            session = self._session_after_reset(timeout)
+            session = self._connect(t0 + timeout, "SSH after reset")
             timeout = max(timeout - (time.monotonic() - t0), 0.1)
         if session is None:
             raise self._error("no SSH session")
