@@ -147,7 +147,7 @@ class AptArch:
     def _apt_show(self, names: list[str]) -> dict[str, Package]:
         """The candidate version of each package (one apt-cache call)."""
         text = run(["apt-cache", *self.options(), "show", "--no-all-versions", *names],
-                    f"apt-cache show {' '.join(names)} ({self.debarch})")
+                   f"apt-cache show {' '.join(names)} ({self.debarch})")
         found: dict[str, Package] = {}
         for st in parse_stanzas(text):
             if "Package" in st and "Version" in st:
@@ -176,7 +176,7 @@ class AptArch:
         dest.mkdir(parents=True, exist_ok=True)
         progress(f"apt: downloading {pkg.name} {pkg.version} ({self.debarch})")
         run(["apt-get", "-q", *self.options(), "download", f"{pkg.name}={pkg.version}"],
-             f"apt-get download {pkg.name}", cwd=dest)
+            f"apt-get download {pkg.name}", cwd=dest)
         if not deb.exists():
             got = sorted(p.name for p in dest.glob(f"{pkg.name}_*.deb"))
             raise PackageError(f"apt-get download {pkg.name}: expected {deb.name}, have {got}")

@@ -108,14 +108,16 @@ class AptSource(AptArch):
 
     def source(self, name: str, version: str, dest: Path, progress: Progress) -> Path:
         """The ``.dsc`` of source package ``name`` at ``version`` with its files in ``dest``
-        (downloaded and checked by apt unless there already)."""
+        (downloaded and checked by apt, its lists brought up to date first, unless there
+        already)."""
         dsc = dest / f"{name}_{version.split(':')[-1]}.dsc"
         if dsc.exists():
             return dsc
+        self.update(progress)
         dest.mkdir(parents=True, exist_ok=True)
         progress(f"apt: downloading source {name} {version}")
         run(["apt-get", "-q", *self.options(), "source", "--download-only",
-              f"{name}={version}"], f"apt-get source {name}={version}", cwd=dest)
+             f"{name}={version}"], f"apt-get source {name}={version}", cwd=dest)
         if not dsc.exists():
             raise PackageError(f"apt-get source {name}: no {dsc.name} in {dest}")
         return dsc
@@ -180,7 +182,7 @@ def unpack(dsc: Path, dest: Path) -> Path:
                if ln.split("#")[0].strip()] if series.exists() else []
     for p in patches:
         run(["patch", "-p1", "-s", "-N", "-i", str(tree / "debian" / "patches" / p)],
-             f"patch {p}", cwd=tree)
+            f"patch {p}", cwd=tree)
     return tree
 
 
@@ -191,9 +193,8 @@ def static_dropbear(arch: str, triplet: str, version: str, cache: Path,
     out = cache / "dropbear" / f"{arch}-{version.split(':')[-1]}-{build_hash()}" / "dropbear"
     if out.is_file():
         return out
-    apt = AptSource(cache / "apt" / "source")
-    apt.update(progress)
-    dsc = apt.source(SOURCE, version, cache / "src" / SOURCE, progress)
+    dsc = AptSource(cache / "apt" / "source").source(SOURCE, version, cache / "src" / SOURCE,
+                                                     progress)
     work = out.parent.with_name(out.parent.name + f".tmp{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
