@@ -266,6 +266,9 @@ def gone(pid: int) -> bool:
     return False
 
 
+FAIL_FAST_S = 10  # a dead guest must be reported within this many seconds
+
+
 def assert_cleaned(pid: int | None, rundir: Path) -> None:
     """A closed guest left nothing: its QEMU is reaped and its run directory is gone."""
     assert pid is not None and gone(pid), f"QEMU {pid} still exists"

@@ -30,14 +30,13 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import check_walk_resumes, cli, harness_walk, json_runs, ptlab
-from conftest import assert_cleaned
+from conftest import FAIL_FAST_S, assert_cleaned
 from ptharness.guest import Guest, GuestError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.profile("x86_64")]
 
 PROFILE = "x86_64"
 KERNEL_HALF = 0xFFFF_8000_0000_0000  # x86_64 4-level: the kernel half
-FAIL_FAST_S = 10  # a dead guest must be reported within this many seconds
 
 
 @pytest.fixture(scope="module")

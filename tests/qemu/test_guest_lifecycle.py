@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_cleaned
+from conftest import FAIL_FAST_S, assert_cleaned
 from ptharness import oracle, scenarios
 from ptharness.guest import Guest, GuestError
 from ptharness.profiles import PROFILES
@@ -18,7 +18,6 @@ from ptlab.arch import arm64 as arm64_arch
 
 pytestmark = pytest.mark.qemu
 
-FAIL_FAST_S = 10  # a dead guest must be reported within this many seconds
 
 
 def ram_ranges(info: dict) -> list[tuple[int, int]]:
