@@ -17,8 +17,10 @@ needs extra devices gets a pool guest of its own kind (x86 pool guests all carry
 boot their own. ``make test-qemu`` distributes with ``--dist loadscope`` and the scheduler of
 :func:`pytest_xdist_make_scheduler`: the pool users of one profile form one work unit (one
 boot; x86_64-pti's two, see :data:`SPLIT`), the heaviest units go first.
-The terminal summary prints ``test_qemu_s``, ``boots``, ``boot_to_agent_s[x86_64]`` (median
-of this run's x86_64 boots) and ``test_qemu_vs_boot_ratio``.
+The terminal summary prints ``test_qemu_s``, ``boots``, ``resets`` (with the seconds of
+Guest.reset() itself, summed; each SSH session follows with the next command),
+``boot_to_agent_s[x86_64]`` (median of this run's x86_64 boots) and
+``test_qemu_vs_boot_ratio``.
 
 Evidence: when a test fails, its report and, for each guest of its profile this process had
 started (running, or closed during the test), the serial console, QEMU's stderr and the QMP
@@ -59,6 +61,7 @@ _live: weakref.WeakSet[Any] = weakref.WeakSet()  # guests started by this proces
 _closed: list[tuple[str, dict[str, bytes]]] = []  # (label, evidence) of guests closed lately
 _patch = pytest.MonkeyPatch()
 _boots: list[tuple[str, float | None]] = []  # (profile, boot_to_agent s or None) per start
+_resets: list[float] = []  # seconds of each Guest.reset() (the session comes later, lazily)
 _t_session: float | None = None  # controller: when the session started
 
 
@@ -131,7 +134,7 @@ def _track_guests() -> None:
     evidence until the running test's report is made."""
     from ptharness.guest import Guest
 
-    start, close = Guest.start, Guest.close
+    start, close, reset = Guest.start, Guest.close, Guest.reset
 
     def tracked_start(self: Any) -> None:
         _live.add(self)
@@ -146,8 +149,16 @@ def _track_guests() -> None:
             _closed.append((_label(self), _evidence(self)))
         close(self)
 
+    def tracked_reset(self: Any) -> None:
+        t = time.monotonic()
+        try:
+            reset(self)
+        finally:
+            _resets.append(time.monotonic() - t)
+
     _patch.setattr(Guest, "start", tracked_start)
     _patch.setattr(Guest, "close", tracked_close)
+    _patch.setattr(Guest, "reset", tracked_reset)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -180,13 +191,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     out = getattr(session.config, "workeroutput", None)
-    if out is not None:  # an xdist worker: hand its boots to the controller
+    if out is not None:  # an xdist worker: hand its boots and resets to the controller
         out["ptlab_boots"] = list(_boots)
+        out["ptlab_resets"] = list(_resets)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:  # xdist controller, per finished worker
-    _boots.extend(tuple(b) for b in getattr(node, "workeroutput", {}).get("ptlab_boots", ()))
+    out = getattr(node, "workeroutput", {})
+    _boots.extend(tuple(b) for b in out.get("ptlab_boots", ()))
+    _resets.extend(out.get("ptlab_resets", ()))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # shown under -q too
@@ -197,6 +211,7 @@ def pytest_terminal_summary(terminalreporter) -> None:  # shown under -q too
     x86 = [s for p, s in _boots if p == "x86_64" and s is not None]
     terminalreporter.write_line(f"test_qemu_s: {wall:.1f}")
     terminalreporter.write_line(f"boots: {len(_boots)}")
+    terminalreporter.write_line(f"resets: {len(_resets)} ({sum(_resets):.1f} s)")
     if x86:
         b = statistics.median(x86)
         terminalreporter.write_line(f"boot_to_agent_s[x86_64]: {b:.2f}")
