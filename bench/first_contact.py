@@ -32,6 +32,7 @@ import time
 
 import benchlib  # bench/benchlib.py: the script's own folder is on sys.path
 from ptharness.guest import Guest
+from ptharness.profiles import PROFILES
 from ptharness.ssh import Session
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -151,7 +152,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
-    for profile in args.profiles.split(","):
+    profiles = args.profiles.split(",")
+    unknown = [p for p in profiles if p not in PROFILES]
+    if unknown:
+        ap.error(f"unknown profile(s) {', '.join(unknown)} (known: {', '.join(PROFILES)})")
+    for profile in profiles:
         bench(profile, args.repeat)
     return 0
 
